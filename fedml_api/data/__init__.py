@@ -1,0 +1,1 @@
+"""Image datasets: loaders, client partitioning and per-client storage."""

@@ -1,0 +1,81 @@
+"""A message: a small header of plain metadata plus named tensors.
+
+The header (type, sender, receiver, plain JSON-like params) is cheap to pickle; the
+tensors are moved by the transport as raw contiguous buffers. Nothing above the
+transport knows how the bytes travel.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, MutableMapping, Optional
+
+import torch
+
+from .packed_tensors import PackedTensors
+
+TensorDict = Dict[str, torch.Tensor]
+
+
+class Message:
+    """One protocol message between two ranks.
+
+    Args:
+        msg_type: protocol-defined message type (see ``message_define.py`` of an algorithm).
+        sender_id: rank (process id) of the sender.
+        receiver_id: rank (process id) of the receiver.
+        params: plain metadata (ints, floats, strings, lists, dicts); keep it small.
+        tensors: named tensors (e.g. a model ``state_dict``); any dtype, any shape.
+    """
+
+    __slots__ = ("msg_type", "sender_id", "receiver_id", "params", "tensors", "packed")
+
+    def __init__(
+        self,
+        msg_type: int,
+        sender_id: int,
+        receiver_id: int,
+        params: Optional[Mapping[str, Any]] = None,
+        tensors: Optional[Mapping[str, torch.Tensor]] = None,
+    ) -> None:
+        self.msg_type = int(msg_type)
+        self.sender_id = int(sender_id)
+        self.receiver_id = int(receiver_id)
+        self.params: MutableMapping[str, Any] = dict(params or {})
+        self.tensors: TensorDict = dict(tensors or {})
+        # When set, ``tensors`` are views into these flat per-dtype buffers (see set_packed).
+        self.packed: Optional[PackedTensors] = None
+
+    def set_packed(self, packed: PackedTensors) -> None:
+        """Carry ``packed``'s tensors. The transport then moves one buffer per dtype, and a
+        receiver gets them packed the same way whatever the sender used."""
+        self.packed = packed
+        self.tensors = packed.tensors()
+
+    def add_params(self, key: str, value: Any) -> None:
+        """Attach one piece of plain metadata (FedML's name for it)."""
+        self.params[key] = value
+
+    def get(self, key: str) -> Any:
+        """Return a metadata value; raises KeyError naming the message type if absent."""
+        try:
+            return self.params[key]
+        except KeyError:
+            raise KeyError(f"message type {self.msg_type} from rank {self.sender_id} has no param {key!r}") from None
+
+    def get_type(self) -> int:
+        return self.msg_type
+
+    def get_sender_id(self) -> int:
+        return self.sender_id
+
+    def get_receiver_id(self) -> int:
+        return self.receiver_id
+
+    def payload_bytes(self) -> int:
+        """Bytes of tensor data this message carries."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def __repr__(self) -> str:
+        return (
+            f"Message(type={self.msg_type}, {self.sender_id}->{self.receiver_id}, "
+            f"params={sorted(self.params)}, tensors={len(self.tensors)}, bytes={self.payload_bytes()})"
+        )

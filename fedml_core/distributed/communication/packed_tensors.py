@@ -1,0 +1,161 @@
+"""Named tensors laid out in one flat buffer per dtype.
+
+A received model is stored this way: every float32 tensor of a ResNet18 lives in one
+contiguous 1-D float32 tensor, every int64 counter in one int64 tensor, and so on. The
+transport receives bytes straight into these buffers (no copy), and the aggregator runs
+one cache-blocked pass over each flat buffer instead of one small op per tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Where one named tensor lives: its dtype group and its element offset in it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    offset: int  # in elements of ``dtype``, within that dtype's flat buffer
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """``"float32"`` -> ``torch.float32``; raises ValueError for anything that is not a dtype."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown tensor dtype {name!r} (expected a torch dtype name such as 'float32')")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def plan_layout(entries: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]]) -> Tuple[List[TensorSpec], Dict[torch.dtype, int]]:
+    """Assign every ``(name, dtype, shape)`` an offset in its dtype's flat buffer.
+
+    Tensors of one dtype are packed tightly in the given order; groups appear in the
+    order their dtype is first seen. Returns the specs and the element count per dtype.
+    """
+    sizes: Dict[torch.dtype, int] = {}
+    specs: List[TensorSpec] = []
+    for name, dtype, shape in entries:
+        spec = TensorSpec(name, dtype, tuple(int(d) for d in shape), sizes.get(dtype, 0))
+        sizes[dtype] = spec.offset + spec.numel
+        specs.append(spec)
+    return specs, sizes
+
+
+class PackedTensors:
+    """A mapping of names to tensors that are views into flat per-dtype buffers.
+
+    Args:
+        specs: the layout, as returned by :func:`plan_layout`.
+        groups: one 1-D contiguous CPU tensor per dtype, sized to hold its specs.
+    """
+
+    def __init__(self, specs: Sequence[TensorSpec], groups: Dict[torch.dtype, torch.Tensor]) -> None:
+        self.specs = list(specs)
+        self.groups = groups
+
+    @classmethod
+    def empty_like_specs(
+        cls,
+        entries: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]],
+        allocate: Optional[Callable[[int], torch.Tensor]] = None,
+    ) -> "PackedTensors":
+        """Allocate (uninitialised) buffers for the given ``(name, dtype, shape)`` entries.
+
+        All groups are carved out of one uint8 buffer of ``allocate(nbytes)`` bytes
+        (default: a fresh ``torch.empty``), each group starting on a 64-byte boundary.
+        """
+        specs, sizes = plan_layout(entries)
+        starts, end = {}, 0
+        for dtype, n in sizes.items():
+            starts[dtype] = end
+            end += -(-n * _itemsize(dtype) // _ALIGN) * _ALIGN
+        base = allocate(end) if allocate is not None else torch.empty(end, dtype=torch.uint8)
+        groups = {dtype: base.narrow(0, starts[dtype], n * _itemsize(dtype)).view(dtype) for dtype, n in sizes.items()}
+        return cls(specs, groups)
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "PackedTensors":
+        """Copy ``tensors`` (any device, any layout) into a new packed CPU copy."""
+        packed = cls.empty_like_specs([(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()])
+        for spec in packed.specs:
+            packed.view(spec).copy_(tensors[spec.name].detach())
+        return packed
+
+    def view(self, spec: TensorSpec) -> torch.Tensor:
+        return self.groups[spec.dtype].narrow(0, spec.offset, spec.numel).view(spec.shape)
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """Name -> tensor views into the flat buffers (shared memory, no copy)."""
+        return {spec.name: self.view(spec) for spec in self.specs}
+
+    def layout_key(self) -> Tuple[Tuple[str, torch.dtype, Tuple[int, ...]], ...]:
+        """Identifies the layout: two PackedTensors with equal keys can be combined elementwise."""
+        return tuple((s.name, s.dtype, s.shape) for s in self.specs)
+
+    def nbytes(self) -> int:
+        return sum(g.numel() * g.element_size() for g in self.groups.values())
+
+
+_ALIGN = 64
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class BufferPool:
+    """Recycles receive buffers once no tensor views them any more.
+
+    Touching freshly allocated memory costs page faults: about 14 ms for a 44.7 MB
+    ResNet18 on this class of machine, three times the raw MPI transfer. Reusing the
+    buffer of a message the program has let go of avoids that.
+
+    Args:
+        max_buffers: how many buffers to keep at most (busy or free).
+    """
+
+    def __init__(self, max_buffers: int = 64) -> None:
+        self.max_buffers = max_buffers
+        self._buffers: List[torch.Tensor] = []
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor of ``nbytes`` bytes that nothing else references."""
+        for buffer in self._buffers:
+            if buffer.numel() == nbytes and _unreferenced(buffer):
+                return buffer
+        if len(self._buffers) >= self.max_buffers:
+            free = [b for b in self._buffers if _unreferenced(b)]
+            if free:
+                self._buffers.remove(free[0])
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if len(self._buffers) < self.max_buffers:
+            self._buffers.append(buffer)
+        return buffer
+
+
+def _unreferenced(buffer: torch.Tensor) -> bool:
+    # Views share the storage, not the Python tensor: count the storage's owners.
+    # Two owners are the pooled tensor itself and the temporary storage object below.
+    return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) <= 2
+
+
+def byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous CPU tensor's memory (works for every dtype,
+    bfloat16 and bool included, which numpy cannot represent)."""
+    return tensor.reshape(-1).view(torch.uint8)

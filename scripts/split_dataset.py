@@ -1,0 +1,261 @@
+#!/usr/bin/env python
+"""Split a public dataset into the per-client folders a federated run reads.
+
+    python scripts/split_dataset.py --dataset cifar10 --source cifar-10-python.tar.gz \\
+        --out data/cifar10_10c --clients 10 --partition dirichlet --alpha 0.5 --seed 0
+
+writes ``<out>/<client_id>/train/data.h5`` and ``<out>/<client_id>/test/data.h5`` for client
+ids 1..N, the MPI process ids of the clients (the server, process 0, holds no data). The
+training set is partitioned with ``--partition``; every client's test data is an IID share
+of the dataset's test set, so each client tests on data of its own and together the clients
+test on the whole test set. Pass ``<out>`` as ``--data_path`` to the experiment.
+
+To support another kind of dataset, write a function taking the parsed arguments and add
+it to :data:`SPLITTERS` (its key becomes a ``--dataset`` choice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+# Make the repository importable however the script is launched (any cwd, no install).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from fedml_api.data.cifar10 import download_cifar10, load_cifar10  # noqa: E402
+from fedml_api.data.client_data import write_client_split  # noqa: E402
+from fedml_api.data.datasets import get_image_dataset_spec  # noqa: E402
+from fedml_api.data.digits import load_digits_dataset  # noqa: E402
+from fedml_api.data.partition import partition_dirichlet, partition_iid  # noqa: E402
+
+PARTITIONS = ("iid", "dirichlet")
+DOWNLOAD_DIR = "_download"
+
+
+@dataclass(frozen=True)
+class ClientCounts:
+    """What was written for one client: sample counts and train samples per class."""
+
+    client_id: int
+    num_train: int
+    num_test: int
+    train_class_counts: np.ndarray  # int64 [num_classes]
+
+
+def split_image_dataset(
+    dataset_name: str,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    out: Path,
+    num_clients: int,
+    partition: str,
+    alpha: float,
+    seed: int,
+    min_client_samples: int,
+) -> List[ClientCounts]:
+    """Partition an image dataset (uint8 NHWC images, int64 labels) and write every client.
+
+    The train and test shares draw from independent random streams derived from ``seed``,
+    so choosing another ``--partition`` leaves the clients' test sets unchanged.
+    """
+    if num_clients > len(test_labels):
+        raise ValueError(
+            f"the {dataset_name} test set has {len(test_labels)} images, too few for "
+            f"{num_clients} clients to get one each"
+        )
+    train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    if partition == "iid":
+        train_shares = partition_iid(train_labels, num_clients, train_rng)
+    elif partition == "dirichlet":
+        train_shares = partition_dirichlet(
+            train_labels, num_clients, alpha, train_rng, min_samples_per_client=min_client_samples
+        )
+    else:
+        raise ValueError(
+            f"unknown partition {partition!r}; expected one of {', '.join(PARTITIONS)}"
+        )
+    test_shares = partition_iid(test_labels, num_clients, test_rng)
+    num_classes = get_image_dataset_spec(dataset_name).num_classes
+    counts = []
+    for client_id, (train_idx, test_idx) in enumerate(zip(train_shares, test_shares), start=1):
+        client_dir = out / str(client_id)
+        write_client_split(
+            client_dir / "train", train_images[train_idx], train_labels[train_idx], dataset_name
+        )
+        write_client_split(
+            client_dir / "test", test_images[test_idx], test_labels[test_idx], dataset_name
+        )
+        histogram = np.bincount(train_labels[train_idx], minlength=num_classes)
+        counts.append(ClientCounts(client_id, len(train_idx), len(test_idx), histogram))
+    return counts
+
+
+def format_split_table(counts: Sequence[ClientCounts]) -> str:
+    """One row per client (train, test, train samples per class), then a total row."""
+    totals = np.sum([c.train_class_counts for c in counts], axis=0)
+    width = max(len(str(int(totals.max()))), 2) + 1
+    num_classes = len(totals)
+
+    def row(label: str, num_train: int, num_test: int, histogram: np.ndarray) -> str:
+        cells = "".join(f"{int(n):>{width}}" for n in histogram)
+        return f"{label:>6} {num_train:>7} {num_test:>7} {cells}"
+
+    header = f"{'client':>6} {'train':>7} {'test':>7}  train samples of class 0..{num_classes - 1}"
+    lines = [header]
+    lines += [row(str(c.client_id), c.num_train, c.num_test, c.train_class_counts) for c in counts]
+    lines.append(
+        row("total", sum(c.num_train for c in counts), sum(c.num_test for c in counts), totals)
+    )
+    return "\n".join(lines)
+
+
+def split_cifar10(args: argparse.Namespace) -> None:
+    """CIFAR-10 from ``--source`` (or a download into ``<out>/_download`` when it is omitted)."""
+    source = args.source
+    if source is None:
+        download_root = args.out / DOWNLOAD_DIR
+        print(f"no --source given: downloading CIFAR-10 into {download_root}")
+        source = download_cifar10(download_root)
+    started = time.perf_counter()
+    arrays = load_cifar10(source)
+    print(
+        f"loaded {len(arrays[1])} train and {len(arrays[3])} test images from {source} "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    _split_and_report("cifar10", arrays, args)
+
+
+def split_digits(args: argparse.Namespace) -> None:
+    """scikit-learn's digits, split into train/test by ``--seed`` and ``--test_fraction``."""
+    if args.source is not None:
+        raise ValueError(
+            "--source is not used for --dataset digits (the data ships with scikit-learn)"
+        )
+    _split_and_report("digits", load_digits_dataset(args.seed, args.test_fraction), args)
+
+
+def _split_and_report(
+    dataset_name: str, arrays: Sequence[np.ndarray], args: argparse.Namespace
+) -> None:
+    _remove_client_dirs(args.out)
+    counts = split_image_dataset(
+        dataset_name,
+        *arrays,
+        out=args.out,
+        num_clients=args.clients,
+        partition=args.partition,
+        alpha=args.alpha,
+        seed=args.seed,
+        min_client_samples=args.min_client_samples,
+    )
+    print(format_split_table(counts))
+    print(f"wrote {len(counts)} clients to {args.out}")
+
+
+#: ``--dataset`` name -> function that loads that dataset and writes the client folders.
+SPLITTERS: Dict[str, Callable[[argparse.Namespace], None]] = {
+    "cifar10": split_cifar10,
+    "digits": split_digits,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Split a dataset into <out>/<client_id>/{train,test}/ client folders."
+    )
+    parser.add_argument("--dataset", required=True, choices=sorted(SPLITTERS))
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="cifar10: cifar-10-python.tar.gz, its extracted folder, or a train/<class>/, "
+        "test/<class>/ image folder (.tar.gz or directory); if omitted, download it. "
+        "Not used for digits.",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the experiment's --data_path")
+    parser.add_argument("--clients", type=int, default=10, help="number of clients N (ids 1..N)")
+    parser.add_argument(
+        "--partition", choices=PARTITIONS, default="iid", help="how to share the train set"
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="dirichlet concentration: small (0.1) = few classes per client, "
+        "large (100) = near IID",
+    )
+    parser.add_argument(
+        "--min_client_samples",
+        type=int,
+        default=10,
+        help="dirichlet: redraw until every client has at least this many train samples",
+    )
+    parser.add_argument(
+        "--test_fraction", type=float, default=0.2, help="digits: share of images held out for test"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of every random choice of the split"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace client folders already in --out"
+    )
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the script with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    Bad arguments exit through ``argparse`` (status 2); a missing or malformed source, or a
+    failed download, prints one error line and returns 1.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.clients < 1:
+        parser.error(f"--clients must be >= 1, got {args.clients}")
+    if not args.alpha > 0:
+        parser.error(f"--alpha must be > 0, got {args.alpha}")
+    if args.min_client_samples < 0:
+        parser.error(f"--min_client_samples must be >= 0, got {args.min_client_samples}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a directory")
+    existing = _client_dirs(args.out)
+    if existing and not args.overwrite:
+        parser.error(
+            f"--out {args.out} already holds {len(existing)} client folders; "
+            "pass --overwrite to replace them or choose another --out"
+        )
+    try:
+        SPLITTERS[args.dataset](args)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _remove_client_dirs(out: Path) -> None:
+    """Delete earlier client folders (main() has checked --overwrite) once the new data is
+    loaded: a failed load keeps the old split, and no folder of a larger split survives."""
+    for client_dir in _client_dirs(out):
+        shutil.rmtree(client_dir)
+
+
+def _client_dirs(out: Path) -> List[Path]:
+    """The ``<out>/<integer>/`` folders an earlier run of this script may have written."""
+    if not out.is_dir():
+        return []
+    return sorted(child for child in out.iterdir() if child.is_dir() and child.name.isdigit())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
