@@ -168,8 +168,8 @@ class ResNet18Trainer(ModelTrainer):
         Uses ``args.test_batch_size`` when present, else :data:`DEFAULT_TEST_BATCH_SIZE`.
 
         Returns:
-            ``{"accuracy": float in [0, 1], "loss": float (mean cross-entropy per sample),
-            "num_samples": int}``, plain Python numbers.
+            ``{"accuracy": float in [0, 1], "loss": float (mean cross-entropy per sample)}``,
+            plain Python numbers. (The sample count travels beside it as the client's weight.)
         """
         data, spec = self._load(test_path, args)
         batch_size = getattr(args, "test_batch_size", DEFAULT_TEST_BATCH_SIZE)
@@ -188,7 +188,6 @@ class ResNet18Trainer(ModelTrainer):
         return {
             "accuracy": correct.item() / num_samples,
             "loss": loss_sum.item() / num_samples,
-            "num_samples": num_samples,
         }
 
     @staticmethod

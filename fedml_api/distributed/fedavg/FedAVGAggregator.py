@@ -1,0 +1,61 @@
+"""The server's side of FedAvg computation: client sampling, aggregation, metrics."""
+from __future__ import annotations
+
+from argparse import Namespace
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+import torch
+
+from fedml_core.aggregation import AggregationStrategy, ClientUpdate, FedAvg
+from fedml_core.distributed.communication.packed_tensors import PackedTensors
+from fedml_core.trainer.model_trainer import ModelTrainer
+from fedml_core.trainer.result_aggregator import ResultAggregator
+
+
+class FedAVGAggregator:
+    """Holds the global model and turns client updates and test results into rounds.
+
+    Args:
+        model_trainer: the server's ModelTrainer; its model's state is the initial global model.
+        result_aggregator: combines the clients' test metrics.
+        args: needs ``client_num_in_total``, ``client_num_per_round`` and ``seed``.
+        strategy: how updates are combined (default :class:`FedAvg`).
+    """
+
+    def __init__(self, model_trainer: ModelTrainer, result_aggregator: ResultAggregator, args: Namespace, strategy: Optional[AggregationStrategy] = None) -> None:
+        self.trainer = model_trainer
+        self.result_aggregator = result_aggregator
+        self.args = args
+        self.strategy = strategy if strategy is not None else FedAvg(getattr(args, "max_buffered_updates", None))
+        self.global_model = PackedTensors.from_tensors(model_trainer.get_model_params())
+
+    def client_sampling(self, round_idx: int) -> List[int]:
+        """The process ids (1..CLIENT_NUM) of the clients that train in ``round_idx``.
+
+        Drawn without replacement from a generator seeded by ``(args.seed, round_idx)``,
+        so a run is reproducible and a resumed run samples as the original would.
+        """
+        total, per_round = self.args.client_num_in_total, self.args.client_num_per_round
+        if per_round >= total:
+            return list(range(1, total + 1))
+        rng = np.random.default_rng([self.args.seed, round_idx])
+        return sorted(int(i) + 1 for i in rng.choice(total, per_round, replace=False))
+
+    def add_local_trained_result(self, client_id: int, params: PackedTensors, sample_number: int) -> None:
+        self.strategy.add(ClientUpdate(client_id, params, sample_number))
+
+    def aggregate(self) -> PackedTensors:
+        """Replace the global model by the aggregate of this round's updates and return it."""
+        self.global_model = self.strategy.aggregate(self.global_model)
+        return self.global_model
+
+    def global_model_state(self) -> Dict[str, torch.Tensor]:
+        """An independent copy of the global model's state_dict."""
+        return {name: t.clone() for name, t in self.global_model.tensors().items()}
+
+    def aggregate_test_results(self, results: Mapping[int, Mapping[str, Any]]) -> Dict[str, Any]:
+        """Combine ``{client_id: {"result": ..., "sample_number": ...}}`` with the
+        ResultAggregator, which receives them keyed by client_idx from 0 (the contract)."""
+        ordered = {idx: results[cid] for idx, cid in enumerate(sorted(results))}
+        return self.result_aggregator.aggregate_result(ordered)

@@ -1,0 +1,59 @@
+"""The client's side of FedAvg computation: wraps the user's ModelTrainer."""
+from __future__ import annotations
+
+import json
+import time
+from argparse import Namespace
+from typing import Any, Dict, Mapping, Tuple
+
+import torch
+
+from fedml_core.trainer.model_trainer import ModelTrainer
+
+
+class FedAVGTrainer:
+    """Loads the global model, trains and tests it on this client's own data.
+
+    Args:
+        client_id: this client's process id (1..CLIENT_NUM).
+        train_path, test_path: ``<data_path>/<client_id>/train`` and ``.../test``.
+        device: where to train.
+        args: the run's arguments, handed to the ModelTrainer.
+        model_trainer: the user's :class:`ModelTrainer`.
+    """
+
+    def __init__(self, client_id: int, train_path: str, test_path: str, device: torch.device, args: Namespace, model_trainer: ModelTrainer) -> None:
+        self.client_id = client_id
+        self.train_path = train_path
+        self.test_path = test_path
+        self.device = device
+        self.args = args
+        self.trainer = model_trainer
+        self.train_sample_number = model_trainer.get_local_sample_number(train_path)
+        self.test_sample_number = model_trainer.get_local_sample_number(test_path)
+
+    def update_model(self, global_params: Mapping[str, torch.Tensor]) -> None:
+        self.trainer.set_model_params(global_params)
+
+    def train(self, round_idx: int) -> Tuple[Dict[str, torch.Tensor], int, float]:
+        """Train locally for round ``round_idx``; returns (state, sample number, seconds)."""
+        # The ModelTrainer signature has no round index; learning-rate schedules read it here.
+        self.args.round_idx = round_idx
+        start = time.perf_counter()
+        self.trainer.train(self.device, self.args, self.train_path)
+        seconds = time.perf_counter() - start
+        return self.trainer.get_model_params(), self.train_sample_number, seconds
+
+    def test(self) -> Tuple[Dict[str, Any], int, float]:
+        """Test the current model on this client's test data; (metrics, sample number, seconds)."""
+        start = time.perf_counter()
+        result = self.trainer.test(self.device, self.args, self.test_path)
+        seconds = time.perf_counter() - start
+        try:
+            json.dumps(result)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"{type(self.trainer).__name__}.test() must return a JSON-serialisable dict of metrics "
+                f"(plain floats/ints/strings), got {result!r}: {error}"
+            ) from None
+        return result, self.test_sample_number, seconds

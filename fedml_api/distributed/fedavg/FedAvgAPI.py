@@ -1,0 +1,88 @@
+"""Entry points of distributed FedAvg: what a ``main_fedavg.py`` calls."""
+from __future__ import annotations
+
+from argparse import Namespace
+from typing import Optional, Tuple
+
+import torch
+
+from fedml_core.distributed.communication.transport import Transport
+from fedml_core.trainer.model_trainer import ModelTrainer
+from fedml_core.trainer.result_aggregator import ResultAggregator
+from fedml_api.utils.run_recorder import RunRecorder
+
+from .FedAVGAggregator import FedAVGAggregator
+from .FedAVGTrainer import FedAVGTrainer
+from .FedAvgClientManager import FedAVGClientManager
+from .FedAvgServerManager import FedAVGServerManager
+
+
+def FedML_init() -> Tuple["MPI.Comm", int, int]:
+    """Initialise MPI; returns ``(comm, process_id, worker_number)``, where
+    ``worker_number`` is the number of processes (the server plus CLIENT_NUM clients)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    return comm, comm.Get_rank(), comm.Get_size()
+
+
+def FedML_FedAvg_distributed(
+    process_id: int,
+    worker_number: int,
+    device: torch.device,
+    comm,
+    model: torch.nn.Module,
+    args: Namespace,
+    train_path: str,
+    test_path: str,
+    result_aggregator: ResultAggregator,
+    model_trainer: Optional[ModelTrainer] = None,
+    transport: Optional[Transport] = None,
+) -> None:
+    """Run this process's part of FedAvg: the server on process 0, a client elsewhere.
+
+    Returns when the run is over (after ``args.comm_round`` rounds).
+
+    Args:
+        process_id: this process's rank; 0 is the server, 1..CLIENT_NUM are clients.
+        worker_number: number of processes (CLIENT_NUM + 1).
+        device: where this process trains and tests.
+        comm: the MPI communicator from :func:`FedML_init` (unused if ``transport`` is given).
+        model: the model; the same architecture on every process.
+        args: run arguments (see ``fedml_api.distributed.fedavg.args.add_federation_args``).
+        train_path, test_path: this client's data (``<data_path>/<process_id>/train|test``).
+        result_aggregator: combines the clients' test metrics on the server.
+        model_trainer: the user's ModelTrainer around ``model`` (required).
+        transport: overrides the MPI transport (e.g. an in-process one for tests).
+    """
+    if model_trainer is None:
+        raise ValueError("model_trainer is required: pass an instance of your ModelTrainer subclass built around `model`")
+    if args.client_num_in_total != worker_number - 1:
+        raise ValueError(
+            f"{worker_number} processes run, which means {worker_number - 1} clients, but "
+            f"--client_num_in_total is {args.client_num_in_total}; launch CLIENT_NUM + 1 processes"
+        )
+    if transport is None:
+        from fedml_core.distributed.communication.mpi_transport import MpiTransport
+
+        transport = MpiTransport(comm)
+    if process_id == 0:
+        init_server(args, device, transport, model, model_trainer, result_aggregator)
+    else:
+        init_client(args, device, transport, process_id, model_trainer, train_path, test_path)
+
+
+def init_server(args: Namespace, device: torch.device, transport: Transport, model: torch.nn.Module, model_trainer: ModelTrainer, result_aggregator: ResultAggregator) -> None:
+    """Build the aggregator and server manager, then run the rounds."""
+    aggregator = FedAVGAggregator(model_trainer, result_aggregator, args)
+    recorder = RunRecorder(args.run_dir, config=vars(args))
+    try:
+        FedAVGServerManager(args, aggregator, transport, recorder).run()
+    finally:
+        recorder.close()
+
+
+def init_client(args: Namespace, device: torch.device, transport: Transport, process_id: int, model_trainer: ModelTrainer, train_path: str, test_path: str) -> None:
+    """Build this client's trainer and manager, then serve the server until it finishes."""
+    trainer = FedAVGTrainer(process_id, train_path, test_path, device, args, model_trainer)
+    FedAVGClientManager(args, trainer, transport).run()

@@ -1,0 +1,51 @@
+"""The client's message handlers for FedAvg."""
+from __future__ import annotations
+
+import logging
+from argparse import Namespace
+
+from fedml_core.distributed.client.client_manager import ClientManager
+from fedml_core.distributed.communication.message import Message
+from fedml_core.distributed.communication.transport import Transport
+
+from .FedAVGTrainer import FedAVGTrainer
+from .message_define import MyMessage
+
+
+class FedAVGClientManager(ClientManager):
+    """Trains when sent a model, tests when asked, stops when told to finish."""
+
+    def __init__(self, args: Namespace, trainer: FedAVGTrainer, transport: Transport) -> None:
+        super().__init__(args, transport)
+        self.trainer = trainer
+
+    def register_message_receive_handlers(self) -> None:
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT, self.handle_message_receive_model_from_server)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_TEST_MODEL, self.handle_message_test_model_on_client)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_FINISH, self.handle_message_finish)
+
+    def handle_message_receive_model_from_server(self, msg: Message) -> None:
+        round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
+        self.trainer.update_model(msg.tensors)
+        params, num_samples, seconds = self.trainer.train(round_idx)
+        logging.info("client %d: round %d trained on %d samples in %.2f s", self.rank, round_idx, num_samples, seconds)
+        reply = Message(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, self.rank, 0, tensors=params)
+        reply.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
+        reply.add_params(MyMessage.MSG_ARG_KEY_NUM_SAMPLES, num_samples)
+        reply.add_params(MyMessage.MSG_ARG_KEY_TRAIN_SECONDS, seconds)
+        self.send_message(reply)
+
+    def handle_message_test_model_on_client(self, msg: Message) -> None:
+        round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
+        self.trainer.update_model(msg.tensors)
+        result, num_samples, seconds = self.trainer.test()
+        reply = Message(MyMessage.MSG_TYPE_C2S_SEND_TEST_RESULT, self.rank, 0)
+        reply.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
+        reply.add_params(MyMessage.MSG_ARG_KEY_TEST_RESULT, result)
+        reply.add_params(MyMessage.MSG_ARG_KEY_NUM_SAMPLES, num_samples)
+        reply.add_params(MyMessage.MSG_ARG_KEY_TEST_SECONDS, seconds)
+        self.send_message(reply)
+
+    def handle_message_finish(self, msg: Message) -> None:
+        logging.info("client %d: finished", self.rank)
+        self.finish()

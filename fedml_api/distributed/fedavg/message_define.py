@@ -1,0 +1,25 @@
+"""Message types and parameter keys of the FedAvg protocol.
+
+Round protocol: the server sends ``S2C_SYNC_MODEL_TO_CLIENT`` (global model) to the
+round's sampled clients, each answers ``C2S_SEND_MODEL_TO_SERVER`` (its trained state
+and sample number); on test rounds the server sends ``S2C_TEST_MODEL`` to every client,
+each answers ``C2S_SEND_TEST_RESULT``; at the end the server sends ``S2C_FINISH``.
+"""
+
+
+class MyMessage:
+    # server -> client
+    MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT = 1
+    MSG_TYPE_S2C_TEST_MODEL = 2
+    MSG_TYPE_S2C_FINISH = 3
+
+    # client -> server
+    MSG_TYPE_C2S_SEND_MODEL_TO_SERVER = 11
+    MSG_TYPE_C2S_SEND_TEST_RESULT = 12
+
+    # params
+    MSG_ARG_KEY_ROUND_INDEX = "round_idx"
+    MSG_ARG_KEY_NUM_SAMPLES = "num_samples"
+    MSG_ARG_KEY_TRAIN_SECONDS = "train_seconds"
+    MSG_ARG_KEY_TEST_RESULT = "test_result"
+    MSG_ARG_KEY_TEST_SECONDS = "test_seconds"

@@ -1,0 +1,121 @@
+"""Everything a run produces, in one run directory.
+
+``<run_dir>/``
+    ``server.log``       the server's log
+    ``metrics.jsonl``    one JSON object per round (written and flushed as the round ends)
+    ``summary.json``     final metrics, rounds, wall time
+    ``final_model.pt``   the final global model's state_dict (``torch.load`` it)
+    ``metrics.png``      test metrics per round
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+
+# Numbers that describe the test set rather than the model's quality are not plotted.
+_NOT_PLOTTED = {"sample_number", "num_samples"}
+
+
+class RunRecorder:
+    """Writes a run's records to ``run_dir`` and, when a wandb run is active, to wandb.
+
+    Args:
+        run_dir: the run directory (created if missing).
+        config: the run's arguments, stored in ``summary.json``.
+    """
+
+    def __init__(self, run_dir: str, config: Optional[Mapping[str, Any]] = None) -> None:
+        self.run_dir = run_dir
+        self.config = dict(config or {})
+        os.makedirs(run_dir, exist_ok=True)
+        self.records: List[Dict[str, Any]] = []
+        self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8")
+        self._log_handler = logging.FileHandler(os.path.join(run_dir, "server.log"), encoding="utf-8")
+        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(self._log_handler)
+
+    def log_round(self, record: Mapping[str, Any]) -> None:
+        """Append one round's record (``round``, ``sampled_clients``, timings, ``test``)."""
+        record = dict(record)
+        self.records.append(record)
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        logging.info("%s", format_round(record, self.config.get("comm_round")))
+        wandb = sys.modules.get("wandb")  # logged only if the user's main started a wandb run
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            flat = {f"test/{k}": v for k, v in record.get("test", {}).items()}
+            flat.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+            wandb.log(flat, step=record["round"])
+
+    def finish(self, final_model: Mapping[str, torch.Tensor], wall_seconds: float) -> Dict[str, Any]:
+        """Write the final model, ``summary.json`` and the plot; returns the summary."""
+        torch.save(dict(final_model), os.path.join(self.run_dir, "final_model.pt"))
+        tested = [r for r in self.records if "test" in r]
+        summary = {
+            "rounds": len(self.records),
+            "final_test": tested[-1]["test"] if tested else None,
+            "wall_seconds": wall_seconds,
+            "config": self.config,
+        }
+        with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, default=str)
+        if tested:
+            plot_test_metrics(tested, os.path.join(self.run_dir, "metrics.png"))
+        logging.info("run finished in %.1f s; results in %s", wall_seconds, self.run_dir)
+        self.close()
+        return summary
+
+    def close(self) -> None:
+        """Stop writing (idempotent); called by :meth:`finish`, and on failure."""
+        if self._metrics.closed:
+            return
+        self._metrics.close()
+        logging.getLogger().removeHandler(self._log_handler)
+        self._log_handler.close()
+
+
+def format_round(record: Mapping[str, Any], num_rounds: Optional[int] = None) -> str:
+    """One log line: round, sampled clients, test metrics, where the time went."""
+    of = f"/{num_rounds}" if num_rounds else ""
+    parts = [f"round {record['round'] + 1}{of}: clients {record['sampled_clients']}"]
+    if "test" in record:
+        parts.append(" ".join(f"{k}={_fmt(v)}" for k, v in record["test"].items()))
+    times = [(k.removesuffix("_seconds"), record[k]) for k in ("train_seconds", "communication_seconds", "aggregation_seconds", "test_seconds") if k in record]
+    parts.append(" ".join(f"{name} {value:.3f}s" for name, value in times))
+    return " | ".join(parts)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def plot_test_metrics(records: List[Mapping[str, Any]], path: str) -> None:
+    """One panel per numeric test metric, against the round number (1-based)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k, v in records[-1]["test"].items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _NOT_PLOTTED]
+    if not keys:
+        return
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    rounds = [r["round"] + 1 for r in records]
+    for ax, key in zip(axes.flat, keys):
+        ax.plot(rounds, [r["test"].get(key, float("nan")) for r in records], marker="o")
+        ax.set_xlabel("round")
+        ax.set_title(f"test {key}")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
