@@ -18,6 +18,10 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
+# Round summaries are the run's record: logged at INFO whatever the root logger's level.
+logger = logging.getLogger(__name__)
+logger.setLevel(logging.INFO)
+
 # Numbers that describe the test set rather than the model's quality are not plotted.
 _NOT_PLOTTED = {"sample_number", "num_samples"}
 
@@ -46,7 +50,7 @@ class RunRecorder:
         self.records.append(record)
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
-        logging.info("%s", format_round(record, self.config.get("comm_round")))
+        logger.info("%s", format_round(record, self.config.get("comm_round")))
         wandb = sys.modules.get("wandb")  # logged only if the user's main started a wandb run
         if wandb is not None and getattr(wandb, "run", None) is not None:
             flat = {f"test/{k}": v for k, v in record.get("test", {}).items()}
@@ -67,7 +71,7 @@ class RunRecorder:
             json.dump(summary, f, indent=2, default=str)
         if tested:
             plot_test_metrics(tested, os.path.join(self.run_dir, "metrics.png"))
-        logging.info("run finished in %.1f s; results in %s", wall_seconds, self.run_dir)
+        logger.info("run finished in %.1f s; results in %s", wall_seconds, self.run_dir)
         self.close()
         return summary
 

@@ -45,20 +45,25 @@ class WeightedMeanAccumulator:
         if max_buffered is not None and max_buffered < 1:
             raise ValueError(f"max_buffered must be None or >= 1, got {max_buffered}")
         self.max_buffered = max_buffered
-        self._pending: List[Tuple[PackedTensors, float]] = []
+        self._pending: List[Tuple[int, PackedTensors, float]] = []
         self._sums: Optional[Dict[torch.dtype, torch.Tensor]] = None
         self._template: Optional[PackedTensors] = None
         self._total_weight = 0.0
 
-    def add(self, params: PackedTensors, weight: float) -> None:
-        """Add one state with a positive ``weight``; its layout must match the first's."""
+    def add(self, params: PackedTensors, weight: float, order_key: int = 0) -> None:
+        """Add one state with a positive ``weight``; its layout must match the first's.
+
+        Buffered states are summed in ``order_key`` order, not arrival order, so that the
+        float result does not depend on which client answered first (bit-reproducible
+        runs). With ``max_buffered`` set, states folded in different batches still are.
+        """
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
         if self._template is None:
             self._template = params
         elif params.layout_key() != self._template.layout_key():
             raise ValueError(_layout_mismatch(self._template, params))
-        self._pending.append((params, float(weight)))
+        self._pending.append((order_key, params, float(weight)))
         self._total_weight += float(weight)
         if self.max_buffered is not None and len(self._pending) >= self.max_buffered:
             self._fold(scale=None)
@@ -89,7 +94,7 @@ class WeightedMeanAccumulator:
                 for dtype, group in self._template.groups.items()
             }
         for dtype, total in self._sums.items():
-            sources = [(p.groups[dtype], w) for p, w in self._pending]
+            sources = [(p.groups[dtype], w) for _, p, w in sorted(self._pending, key=lambda entry: entry[0])]
             if total.dtype != dtype:  # small non-float32/64 groups: convert once
                 sources = [(s.to(total.dtype), w) for s, w in sources]
             for start in range(0, total.numel(), BLOCK_ELEMENTS):
@@ -132,7 +137,7 @@ class FedAvg(AggregationStrategy):
     def add(self, update: ClientUpdate) -> None:
         if update.sample_number <= 0:
             raise ValueError(f"client {update.client_id} reported {update.sample_number} samples; expected a positive count")
-        self._accumulator.add(update.params, update.sample_number)
+        self._accumulator.add(update.params, update.sample_number, order_key=update.client_id)
 
     def aggregate(self, global_model: PackedTensors) -> PackedTensors:
         return self._accumulator.result()

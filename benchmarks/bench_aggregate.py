@@ -1,0 +1,163 @@
+"""FedAvg of K ResNet18 states through the framework, against this machine's memcpy.
+
+    .venv/bin/python benchmarks/bench_aggregate.py [--clients 10] [--reps 15] [--threads N]
+
+Builds K = ``--clients`` distinct states of ``ResNet18(width=64)`` (the initial state
+plus per-client noise; ``num_batches_tracked`` differs per client), packs each with
+``PackedTensors.from_tensors`` as the transport delivers them, and times
+``FedAvg.add`` x K + ``FedAvg.aggregate`` with sample numbers as weights (one server
+round's aggregation).
+
+Aggregation must read K states of P float32 elements and write one: (K+1)·P·4 bytes.
+Its achieved bandwidth, (K+1)·P·4 / time, is compared with this machine's memcpy
+bandwidth measured in the same run: copying a warm (K+1)·P·4-byte buffer into another
+with torch's ``Tensor.copy_`` (same thread count as the aggregation) and numpy's
+``copyto``; the faster of the two is the reference, reported as bytes copied / time.
+(A memcpy reads and writes those bytes, so it moves twice the aggregation's traffic
+for the same count: the comparison favours neither side by construction, it asks the
+aggregation to run at most 1.25 times the time of one plain copy of its inputs.)
+
+For reference, FedML's FedAVGAggregator is timed too: per key, ``state[k] * w`` then
+``+=`` over dicts of separate tensors. All timed cases are interleaved repetition by
+repetition. The framework's result is checked against a float64 reference
+(``allclose``; integer buffers exactly), so a wrong result fails the benchmark.
+
+The last line is ``aggregation_bandwidth_fraction=<achieved / memcpy>``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from fedml_api.model.ResNet18.resnet import ResNet18  # noqa: E402
+from fedml_core.aggregation import ClientUpdate, FedAvg  # noqa: E402
+from fedml_core.distributed.communication.packed_tensors import PackedTensors  # noqa: E402
+
+TensorDict = Dict[str, torch.Tensor]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=10, help="K: states averaged per round")
+    parser.add_argument("--reps", type=int, default=15, help="timed repetitions per case")
+    parser.add_argument("--fedml-reps", type=int, default=5, help="timed repetitions of FedML's baseline")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions per case first")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all cores)")
+    return parser.parse_args()
+
+
+def client_states(num_clients: int) -> List[TensorDict]:
+    """Distinct full ResNet18 states: float tensors perturbed, counters offset per client."""
+    torch.manual_seed(0)
+    base = ResNet18(num_classes=10, in_channels=3, width=64).state_dict()
+    states = []
+    for client in range(num_clients):
+        states.append({
+            k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v + 100 * client
+            for k, v in base.items()
+        })
+    return states
+
+
+def fedml_average(states: Sequence[TensorDict], sample_numbers: Sequence[int]) -> TensorDict:
+    """FedML's FedAVGAggregator.aggregate loop, verbatim in substance."""
+    total = sum(sample_numbers)
+    averaged = dict(states[0])
+    for k in averaged:
+        for i, (n, state) in enumerate(zip(sample_numbers, states)):
+            w = n / total
+            if i == 0:
+                averaged[k] = state[k] * w
+            else:
+                averaged[k] += state[k] * w
+    return averaged
+
+
+def check_against_float64(result: PackedTensors, states: Sequence[TensorDict], sample_numbers: Sequence[int]) -> None:
+    """Raise AssertionError unless ``result`` is the sample-weighted mean of ``states``."""
+    total = float(sum(sample_numbers))
+    for name, got in result.tensors().items():
+        want = sum(s[name].double() * (n / total) for s, n in zip(states, sample_numbers))
+        if got.is_floating_point():
+            assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6), f"{name}: wrong weighted mean"
+        else:
+            assert torch.equal(got, want.round().to(got.dtype)), f"{name}: wrong rounded weighted mean"
+
+
+def time_interleaved(cases: Dict[str, Callable[[], object]], reps: Dict[str, int], warmup: int) -> Dict[str, List[float]]:
+    """Seconds per call of every case, rep by rep in rotating order, after ``warmup`` calls."""
+    names = list(cases)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for rep in range(warmup + max(reps.values())):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            if rep >= warmup + reps[name]:
+                continue
+            start = time.perf_counter()
+            cases[name]()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    states = client_states(args.clients)
+    packed = [PackedTensors.from_tensors(s) for s in states]
+    sample_numbers = [600 + 37 * k for k in range(args.clients)]
+    global_model = PackedTensors.from_tensors(states[0])
+    float_elements = global_model.groups[torch.float32].numel()
+    touched = (args.clients + 1) * float_elements * 4
+
+    strategy = FedAvg()
+    results: List[PackedTensors] = []
+
+    def framework() -> None:
+        for client_id, (state, n) in enumerate(zip(packed, sample_numbers), start=1):
+            strategy.add(ClientUpdate(client_id, state, n))
+        # Like the server, the previous global model lives on while the next one is computed.
+        results[:] = results[-1:] + [strategy.aggregate(global_model)]
+
+    source = torch.ones(touched // 4)
+    target = torch.zeros(touched // 4)  # touched: the reference copies into warm memory
+    cases: Dict[str, Callable[[], object]] = {
+        "framework FedAvg (packed)": framework,
+        "memcpy, torch copy_": lambda: target.copy_(source),
+        "memcpy, numpy copyto": lambda: np.copyto(target.numpy(), source.numpy()),
+        "FedML baseline (per key)": lambda: fedml_average(states, sample_numbers),
+    }
+    reps = {name: args.reps for name in cases}
+    reps["FedML baseline (per key)"] = args.fedml_reps
+    times = time_interleaved(cases, reps, args.warmup)
+    check_against_float64(results[-1], states, sample_numbers)
+
+    median = {name: statistics.median(t) for name, t in times.items()}
+    memcpy_name = min(("memcpy, torch copy_", "memcpy, numpy copyto"), key=median.get)
+    memcpy_bandwidth = touched / median[memcpy_name]
+    achieved = touched / median["framework FedAvg (packed)"]
+
+    print(f"FedAvg of K={args.clients} ResNet18(width=64) states, P={float_elements:,} float32 elements each; "
+          f"{torch.get_num_threads()} torch thread(s)")
+    print(f"bytes touched (K+1)*P*4 = {touched:,} ({touched / 1e6:.0f} MB)")
+    print(f"{'case':28s} {'reps':>5s} {'median ms':>10s} {'min ms':>10s} {'GB/s (median)':>14s}")
+    for name, t in times.items():
+        print(f"{name:28s} {len(t):5d} {median[name] * 1e3:10.2f} {min(t) * 1e3:10.2f} {touched / median[name] / 1e9:14.2f}")
+    print(f"memcpy reference: {memcpy_name} at {memcpy_bandwidth / 1e9:.2f} GB/s (bytes copied / time)")
+    print(f"framework result matches the float64 reference (allclose rtol=1e-5, integers exact)")
+    print(f"framework vs FedML baseline: {median['FedML baseline (per key)'] / median['framework FedAvg (packed)']:.1f}x faster")
+    print()
+    print(f"aggregation_bandwidth_fraction={achieved / memcpy_bandwidth:.3f}")
+
+
+if __name__ == "__main__":
+    main()

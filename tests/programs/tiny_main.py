@@ -1,0 +1,36 @@
+"""main_fedavg.py for the tiny federation (tests/tiny_federation.py), run under mpirun.
+
+    mpirun -np CLIENTS+1 python tests/programs/tiny_main.py --client_num_in_total CLIENTS \
+        --client_num_per_round K --comm_round R --data_path DIR --run_dir DIR [--seed S]
+"""
+import argparse
+import logging
+import os
+import sys
+
+import setproctitle
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "../.."))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from fedml_api.distributed.fedavg.args import add_federation_args, check_federation_args  # noqa: E402
+from fedml_api.distributed.fedavg.FedAvgAPI import FedML_FedAvg_distributed, FedML_init  # noqa: E402
+from fedml_api.utils.process_setup import init_training_device, seed_everything  # noqa: E402
+from fedml_core.trainer.result_aggregator import WeightedMeanResultAggregator  # noqa: E402
+from tiny_federation import TinyTrainer, make_model  # noqa: E402
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    comm, process_id, worker_number = FedML_init()
+    args = add_federation_args(argparse.ArgumentParser()).parse_args()
+    check_federation_args(args)
+    setproctitle.setproctitle("FedAvg (distributed):" + str(process_id))
+    seed_everything(args.seed)
+    device = init_training_device(process_id, comm)
+    model = make_model()
+    FedML_FedAvg_distributed(
+        process_id, worker_number, device, comm, model, args,
+        os.path.join(args.data_path, str(process_id), "train"),
+        os.path.join(args.data_path, str(process_id), "test"),
+        WeightedMeanResultAggregator(), TinyTrainer(model),
+    )

@@ -1,0 +1,81 @@
+"""The FedAvg protocol, run in one process over the in-process transport (no mpirun)."""
+import json
+import threading
+from argparse import Namespace
+
+import pytest
+import torch
+
+from fedml_api.distributed.fedavg.FedAvgAPI import FedML_FedAvg_distributed
+from fedml_api.distributed.fedavg.FedAVGTrainer import FedAVGTrainer
+from fedml_core.distributed.communication.inprocess_transport import InProcessHub
+from fedml_core.trainer.result_aggregator import WeightedMeanResultAggregator
+from tiny_federation import TinyTrainer, make_model, reference_fedavg, sampled_clients, write_client_data
+
+
+def run_federation(tmp_path, clients=4, per_round=2, rounds=3, test_every=2, seed=0):
+    data_path, run_dir = tmp_path / "data", tmp_path / "run"
+    write_client_data(str(data_path), clients)
+    args = Namespace(client_num_in_total=clients, client_num_per_round=per_round, comm_round=rounds,
+                     frequency_of_the_test=test_every, data_path=str(data_path), run_dir=str(run_dir),
+                     seed=seed, max_buffered_updates=None)
+    hub = InProcessHub(clients + 1)
+    errors = []
+
+    def process(pid):
+        try:
+            model = make_model()
+            FedML_FedAvg_distributed(pid, clients + 1, torch.device("cpu"), None, model, Namespace(**vars(args)),
+                                     str(data_path / str(pid) / "train"), str(data_path / str(pid) / "test"),
+                                     WeightedMeanResultAggregator(), TinyTrainer(model), transport=hub.transport(pid))
+        except BaseException as error:  # reported below; a thread cannot raise into pytest
+            errors.append((pid, error))
+
+    threads = [threading.Thread(target=process, args=(pid,)) for pid in range(clients + 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a process did not finish"
+    assert not errors, errors
+    return data_path, run_dir
+
+
+def test_rounds_sample_clients_test_on_schedule_and_match_reference_fedavg(tmp_path):
+    data_path, run_dir = run_federation(tmp_path, clients=4, per_round=2, rounds=3, test_every=2)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert [r["sampled_clients"] for r in records] == [sampled_clients(0, r, 4, 2) for r in range(3)]
+    # test rounds: every 2nd round, and always the last
+    assert ["test" in r for r in records] == [False, True, True]
+    assert records[-1]["test"]["sample_number"] == sum(4 + c for c in range(1, 5))
+    for r in records:
+        assert r["train_seconds"] >= 0 and r["communication_seconds"] >= 0 and r["aggregation_seconds"] >= 0
+
+    final = torch.load(run_dir / "final_model.pt")
+    expected = reference_fedavg(str(data_path), 4, 2, 3)
+    assert list(final) == list(expected)
+    for key in expected:
+        assert final[key].dtype == expected[key].dtype
+        assert torch.allclose(final[key].double(), expected[key].double(), atol=1e-5), key
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["final_test"] == records[-1]["test"]
+    assert (run_dir / "metrics.png").stat().st_size > 0
+    assert "round 3/3" in (run_dir / "server.log").read_text()
+
+
+def test_a_test_result_that_is_not_json_names_the_trainer(tmp_path, monkeypatch):
+    write_client_data(str(tmp_path), 1)
+    monkeypatch.setattr(TinyTrainer, "test", lambda self, device, args, path: {"accuracy": torch.tensor(1.0)})
+    trainer = FedAVGTrainer(1, str(tmp_path / "1" / "train"), str(tmp_path / "1" / "test"),
+                            torch.device("cpu"), Namespace(), TinyTrainer(make_model()))
+    with pytest.raises(TypeError, match=r"TinyTrainer.test\(\) must return a JSON-serialisable dict"):
+        trainer.test()
+
+
+def test_client_count_must_match_the_process_count(tmp_path):
+    args = Namespace(client_num_in_total=3)
+    with pytest.raises(ValueError, match="5 processes run, which means 4 clients, but --client_num_in_total is 3"):
+        FedML_FedAvg_distributed(0, 5, torch.device("cpu"), None, make_model(), args, "", "",
+                                 WeightedMeanResultAggregator(), TinyTrainer(make_model()))

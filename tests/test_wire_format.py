@@ -1,0 +1,79 @@
+"""Tensors cross the wire as raw buffers, bit-exactly, whatever their dtype."""
+from pathlib import Path
+
+import torch
+
+from fedml_core.distributed.communication.inprocess_transport import InProcessHub
+from fedml_core.distributed.communication.message import Message
+from fedml_core.distributed.communication.packed_tensors import BufferPool, PackedTensors, plan_layout
+
+PROGRAMS = Path(__file__).parent / "programs"
+
+
+def _mixed_state():
+    import sys
+
+    sys.path.insert(0, str(PROGRAMS))
+    from wire_roundtrip import mixed_state
+
+    return mixed_state()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor (so NaN == NaN and -0.0 != 0.0)."""
+    return t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else t
+
+
+def assert_bit_exact(got: dict, expected: dict) -> None:
+    assert list(got) == list(expected)
+    for key, value in expected.items():
+        assert got[key].dtype == value.dtype, key
+        assert got[key].shape == value.shape, key
+        assert torch.equal(_bits(got[key]), _bits(value)), key
+
+
+def test_layout_packs_each_dtype_tightly_in_order():
+    specs, sizes = plan_layout([("a", torch.float32, (2, 3)), ("n", torch.int64, ()), ("b", torch.float32, (4,))])
+    assert [(s.name, s.offset) for s in specs] == [("a", 0), ("n", 0), ("b", 6)]
+    assert sizes == {torch.float32: 10, torch.int64: 1}
+
+
+def test_packed_tensors_are_views_into_one_buffer_per_dtype():
+    packed = PackedTensors.from_tensors({"a": torch.ones(2, 3), "n": torch.tensor(5), "b": torch.zeros(4)})
+    assert packed.groups[torch.float32].numel() == 10
+    packed.groups[torch.float32].fill_(7)
+    assert torch.equal(packed.tensors()["b"], torch.full((4,), 7.0))
+
+
+def test_buffer_pool_reuses_a_buffer_only_once_nothing_views_it():
+    pool = BufferPool()
+    first = pool.take(1024)
+    view = first[:16].view(torch.float32)
+    assert pool.take(1024).data_ptr() != first.data_ptr()  # still viewed: not reused
+    del view
+    assert pool.take(1024).data_ptr() == first.data_ptr()
+
+
+def test_inprocess_transport_copies_every_dtype_bit_exactly_and_keeps_order():
+    hub = InProcessHub(2)
+    server, client = hub.transport(0), hub.transport(1)
+    state = _mixed_state()
+    server.send(Message(5, 0, 1, {"round_idx": 3}, state))
+    server.send(Message(6, 0, 1))
+    got = client.receive(timeout=1)
+    assert (got.msg_type, got.sender_id, got.get("round_idx")) == (5, 0, 3)
+    assert_bit_exact(got.tensors, state)
+    state["conv.weight"].add_(1)  # the receiver owns a copy
+    assert not torch.equal(got.tensors["conv.weight"], state["conv.weight"])
+    assert client.receive(timeout=1).msg_type == 6
+    assert client.receive(timeout=0.01) is None
+
+
+def test_mpi_transport_moves_a_mixed_dtype_state_bit_exactly(run_mpi, tmp_path):
+    result = run_mpi(2, str(PROGRAMS / "wire_roundtrip.py"), str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    echo = torch.load(tmp_path / "echo.pt")
+    expected = _mixed_state()
+    assert echo["params"] == {"note": "hello"}
+    assert_bit_exact(echo["packed"], expected)   # sent back as one buffer per dtype
+    assert_bit_exact(echo["separate"], expected)  # sent back tensor by tensor

@@ -1,0 +1,95 @@
+"""A tiny, fully deterministic federation used by the protocol and MPI tests.
+
+Each client's data is a ``data.pt`` file of its own size (so FedAvg weights differ);
+the model has float parameters AND BatchNorm buffers (float running statistics and an
+int64 ``num_batches_tracked`` counter); training is full-batch SGD with no randomness,
+so the same global model and data always give the same local model.
+"""
+from __future__ import annotations
+
+import os
+from argparse import Namespace
+from typing import Dict, List
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedml_core.trainer.model_trainer import ModelTrainer
+
+FEATURES, CLASSES, LOCAL_STEPS = 4, 3, 3
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(FEATURES, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, CLASSES))
+
+
+def client_sample_number(client_id: int) -> int:
+    return 7 * client_id + 5
+
+
+def write_client_data(data_path: str, num_clients: int) -> None:
+    """``<data_path>/<id>/{train,test}/data.pt`` with a different size per client."""
+    for cid in range(1, num_clients + 1):
+        g = torch.Generator().manual_seed(cid)
+        for split, n in (("train", client_sample_number(cid)), ("test", 4 + cid)):
+            x = torch.randn(n, FEATURES, generator=g)
+            y = torch.randint(0, CLASSES, (n,), generator=g)
+            os.makedirs(os.path.join(data_path, str(cid), split), exist_ok=True)
+            torch.save({"x": x, "y": y}, os.path.join(data_path, str(cid), split, "data.pt"))
+
+
+class TinyTrainer(ModelTrainer):
+    def _data(self, path: str) -> Dict[str, torch.Tensor]:
+        return torch.load(os.path.join(path, "data.pt"))
+
+    def get_local_sample_number(self, train_path: str) -> int:
+        return len(self._data(train_path)["y"])
+
+    def train(self, device: torch.device, args: Namespace, train_path: str) -> None:
+        data = self._data(train_path)
+        self.model.train()
+        opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        for _ in range(LOCAL_STEPS):
+            opt.zero_grad()
+            nn.functional.cross_entropy(self.model(data["x"]), data["y"]).backward()
+            opt.step()
+
+    def test(self, device: torch.device, args: Namespace, test_path: str) -> Dict[str, float]:
+        data = self._data(test_path)
+        self.model.eval()
+        with torch.no_grad():
+            logits = self.model(data["x"])
+        return {
+            "accuracy": (logits.argmax(1) == data["y"]).float().mean().item(),
+            "loss": nn.functional.cross_entropy(logits, data["y"]).item(),
+        }
+
+
+def sampled_clients(seed: int, round_idx: int, total: int, per_round: int) -> List[int]:
+    """The documented sampling rule, written out independently of the framework."""
+    if per_round >= total:
+        return list(range(1, total + 1))
+    return sorted(int(i) + 1 for i in np.random.default_rng([seed, round_idx]).choice(total, per_round, replace=False))
+
+
+def reference_fedavg(data_path: str, total: int, per_round: int, rounds: int, seed: int = 0, weighted: bool = True) -> Dict[str, torch.Tensor]:
+    """FedAvg computed in one process, in float64, without any framework code."""
+    global_state = {k: v.clone() for k, v in make_model().state_dict().items()}
+    for r in range(rounds):
+        states, weights = [], []
+        for cid in sampled_clients(seed, r, total, per_round):
+            trainer = TinyTrainer(make_model())
+            trainer.model.load_state_dict(global_state)
+            train_path = os.path.join(data_path, str(cid), "train")
+            trainer.train(torch.device("cpu"), Namespace(), train_path)
+            states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+            weights.append(float(trainer.get_local_sample_number(train_path)) if weighted else 1.0)
+        total_weight = sum(weights)
+        new_state = {}
+        for key, value in global_state.items():
+            mean = sum(s[key].double() * w for s, w in zip(states, weights)) / total_weight
+            new_state[key] = mean.round().to(value.dtype) if not value.is_floating_point() else mean.to(value.dtype)
+        global_state = new_state
+    return global_state
