@@ -1,13 +1,14 @@
 """Shared fixtures: launching real mpirun jobs and checking that nothing is left behind."""
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Set
 
 import pytest
 
@@ -29,26 +30,59 @@ def mpi_env() -> dict:
     return env
 
 
-def leftover_processes(marker: str) -> List[str]:
-    """Command lines of live processes that mention ``marker`` (a unique path of the test)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
+# Every test's processes are descendants of pytest, and orphans (ranks whose mpirun is
+# gone) are re-parented to pytest instead of init: a process left behind by a test is
+# then simply a new descendant. (Titles set with setproctitle overwrite a process's
+# cmdline and environ, so markers in them would not be reliable.)
+_PR_SET_CHILD_SUBREAPER = 36
+ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+_baseline: Set[int] = set()
+
+
+def descendant_pids() -> Set[int]:
+    """Live descendants of this process (zombie orphans are reaped first)."""
+    while True:
         try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            found.append(cmdline)
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+    children: Dict[int, List[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(proc.name))
+    found, todo = set(), [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
     return found
 
 
-def assert_no_leftovers(marker: str) -> None:
+def assert_no_leftovers() -> None:
+    """Fail if processes started during the current test are still alive (5 s grace)."""
     deadline = time.monotonic() + 5
-    while leftover_processes(marker) and time.monotonic() < deadline:
+    while (left := descendant_pids() - _baseline) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert leftover_processes(marker) == [], "processes left behind after the run"
+    names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+             for pid in left if Path(f"/proc/{pid}").exists()}
+    assert not names, f"processes left behind: {names}"
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    """Every test must end with no process of its own still running."""
+    global _baseline
+    _baseline = descendant_pids()
+    yield
+    assert_no_leftovers()
 
 
 @pytest.fixture
@@ -62,7 +96,7 @@ def run_mpi(tmp_path):
     def run(np_: int, script: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
         cmd = [mpirun, "-np", str(np_), "--oversubscribe", "--bind-to", "none", sys.executable, script, *args]
         result = subprocess.run(cmd, env=mpi_env(), capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
-        assert_no_leftovers(str(tmp_path))
+        assert_no_leftovers()
         return result
 
     return run

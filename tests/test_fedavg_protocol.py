@@ -1,11 +1,12 @@
 """The FedAvg protocol, run in one process over the in-process transport (no mpirun)."""
 import json
 import threading
-from argparse import Namespace
+from argparse import ArgumentParser, Namespace
 
 import pytest
 import torch
 
+from fedml_api.distributed.fedavg.args import add_federation_args
 from fedml_api.distributed.fedavg.FedAvgAPI import FedML_FedAvg_distributed
 from fedml_api.distributed.fedavg.FedAVGTrainer import FedAVGTrainer
 from fedml_core.distributed.communication.inprocess_transport import InProcessHub
@@ -13,36 +14,43 @@ from fedml_core.trainer.result_aggregator import WeightedMeanResultAggregator
 from tiny_federation import TinyTrainer, make_model, reference_fedavg, sampled_clients, write_client_data
 
 
-def run_federation(tmp_path, clients=4, per_round=2, rounds=3, test_every=2, seed=0):
+def federation_args(clients, per_round, rounds, data_path, run_dir, *extra):
+    return add_federation_args(ArgumentParser()).parse_args([
+        "--client_num_in_total", str(clients), "--client_num_per_round", str(per_round), "--comm_round", str(rounds),
+        "--data_path", str(data_path), "--run_dir", str(run_dir), *extra])
+
+
+def run_federation(tmp_path, clients=4, per_round=2, rounds=3, test_every=2, extra=(), trainer_factory=TinyTrainer):
+    """Run the server and the clients as threads over the in-process transport; returns
+    (data_path, run_dir, {process_id: exception}) once every thread has ended."""
     data_path, run_dir = tmp_path / "data", tmp_path / "run"
     write_client_data(str(data_path), clients)
-    args = Namespace(client_num_in_total=clients, client_num_per_round=per_round, comm_round=rounds,
-                     frequency_of_the_test=test_every, data_path=str(data_path), run_dir=str(run_dir),
-                     seed=seed, max_buffered_updates=None)
+    args = federation_args(clients, per_round, rounds, data_path, run_dir, "--frequency_of_the_test", str(test_every), *extra)
     hub = InProcessHub(clients + 1)
-    errors = []
+    # Built here, in order: make_model() seeds torch's global RNG, which threads share.
+    models = [make_model() for _ in range(clients + 1)]
+    errors = {}
 
     def process(pid):
         try:
-            model = make_model()
-            FedML_FedAvg_distributed(pid, clients + 1, torch.device("cpu"), None, model, Namespace(**vars(args)),
+            FedML_FedAvg_distributed(pid, clients + 1, torch.device("cpu"), None, models[pid], Namespace(**vars(args)),
                                      str(data_path / str(pid) / "train"), str(data_path / str(pid) / "test"),
-                                     WeightedMeanResultAggregator(), TinyTrainer(model), transport=hub.transport(pid))
-        except BaseException as error:  # reported below; a thread cannot raise into pytest
-            errors.append((pid, error))
+                                     WeightedMeanResultAggregator(), trainer_factory(models[pid]), transport=hub.transport(pid))
+        except BaseException as error:  # reported to the test; a thread cannot raise into pytest
+            errors[pid] = error
 
-    threads = [threading.Thread(target=process, args=(pid,)) for pid in range(clients + 1)]
+    threads = [threading.Thread(target=process, args=(pid,), daemon=True) for pid in range(clients + 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
     assert not any(t.is_alive() for t in threads), "a process did not finish"
-    assert not errors, errors
-    return data_path, run_dir
+    return data_path, run_dir, errors
 
 
 def test_rounds_sample_clients_test_on_schedule_and_match_reference_fedavg(tmp_path):
-    data_path, run_dir = run_federation(tmp_path, clients=4, per_round=2, rounds=3, test_every=2)
+    data_path, run_dir, errors = run_federation(tmp_path, clients=4, per_round=2, rounds=3, test_every=2)
+    assert not errors
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1, 2]
     assert [r["sampled_clients"] for r in records] == [sampled_clients(0, r, 4, 2) for r in range(3)]
@@ -75,7 +83,7 @@ def test_a_test_result_that_is_not_json_names_the_trainer(tmp_path, monkeypatch)
 
 
 def test_client_count_must_match_the_process_count(tmp_path):
-    args = Namespace(client_num_in_total=3)
+    args = federation_args(3, 3, 1, tmp_path, tmp_path)
     with pytest.raises(ValueError, match="5 processes run, which means 4 clients, but --client_num_in_total is 3"):
         FedML_FedAvg_distributed(0, 5, torch.device("cpu"), None, make_model(), args, "", "",
                                  WeightedMeanResultAggregator(), TinyTrainer(make_model()))

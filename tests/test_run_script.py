@@ -41,7 +41,7 @@ def test_fedresnet18_on_digits_runs_every_round_and_writes_the_run_directory(dig
     for name in ("summary.json", "final_model.pt", "metrics.png", "server.log"):
         assert (run_dir / name).stat().st_size > 0, name
     assert "process 2 of 3" in output  # CLIENT_NUM + 1 processes
-    assert_no_leftovers(str(run_dir))
+    assert_no_leftovers()
 
 
 def test_the_template_experiment_runs_as_shipped(digits_split, tmp_path):

@@ -8,6 +8,7 @@ so the same global model and data always give the same local model.
 from __future__ import annotations
 
 import os
+import time
 from argparse import Namespace
 from typing import Dict, List
 
@@ -48,6 +49,7 @@ class TinyTrainer(ModelTrainer):
         return len(self._data(train_path)["y"])
 
     def train(self, device: torch.device, args: Namespace, train_path: str) -> None:
+        time.sleep(getattr(args, "train_delay", 0.0))  # lets tests act in the middle of a round
         data = self._data(train_path)
         self.model.train()
         opt = torch.optim.SGD(self.model.parameters(), lr=0.1)

@@ -10,9 +10,9 @@ import torch
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and CUDA)."""
+    """Seed python, numpy and torch (CPU and CUDA). numpy takes the seed modulo 2**32."""
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
 

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -34,19 +34,26 @@ class RunRecorder:
         config: the run's arguments, stored in ``summary.json``.
     """
 
-    def __init__(self, run_dir: str, config: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(self, run_dir: str, config: Optional[Mapping[str, Any]] = None,
+                 previous_records: Sequence[Mapping[str, Any]] = ()) -> None:
         self.run_dir = run_dir
         self.config = dict(config or {})
         os.makedirs(run_dir, exist_ok=True)
-        self.records: List[Dict[str, Any]] = []
+        # A resumed run starts from the records its checkpoint holds.
+        self.records: List[Dict[str, Any]] = [dict(r) for r in previous_records]
         self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8")
+        for record in self.records:
+            self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
         self._log_handler = logging.FileHandler(os.path.join(run_dir, "server.log"), encoding="utf-8")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger().addHandler(self._log_handler)
 
     def log_round(self, record: Mapping[str, Any]) -> None:
-        """Append one round's record (``round``, ``sampled_clients``, timings, ``test``)."""
+        """Append one round's record (``round``, ``sampled_clients``, timings, ``test``),
+        adding the server process's resource use (``server``: RSS, threads, open files)."""
         record = dict(record)
+        record["server"] = process_resources()
         self.records.append(record)
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
@@ -84,10 +91,23 @@ class RunRecorder:
         self._log_handler.close()
 
 
+def process_resources() -> Dict[str, float]:
+    """This process's resident memory (MiB), thread count and open file descriptors."""
+    with open("/proc/self/statm") as f:
+        resident_pages = int(f.read().split()[1])
+    return {
+        "rss_mib": round(resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1),
+        "threads": len(os.listdir("/proc/self/task")),
+        "open_files": len(os.listdir("/proc/self/fd")),
+    }
+
+
 def format_round(record: Mapping[str, Any], num_rounds: Optional[int] = None) -> str:
     """One log line: round, sampled clients, test metrics, where the time went."""
     of = f"/{num_rounds}" if num_rounds else ""
     parts = [f"round {record['round'] + 1}{of}: clients {record['sampled_clients']}"]
+    if "failures" in record:
+        parts.append(f"FAILED {sorted(int(c) for c in record['failures'])}")
     if "test" in record:
         parts.append(" ".join(f"{k}={_fmt(v)}" for k, v in record["test"].items()))
     times = [(k.removesuffix("_seconds"), record[k]) for k in ("train_seconds", "communication_seconds", "aggregation_seconds", "test_seconds") if k in record]

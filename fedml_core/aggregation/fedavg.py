@@ -19,6 +19,7 @@ import torch
 
 from ..distributed.communication.packed_tensors import PackedTensors
 from .strategy import AggregationStrategy, ClientUpdate
+from .validation import layout_mismatch
 
 # 256 Ki elements: a 1 MiB float32 accumulator block, which stays in L2 cache.
 BLOCK_ELEMENTS = 1 << 18
@@ -62,7 +63,7 @@ class WeightedMeanAccumulator:
         if self._template is None:
             self._template = params
         elif params.layout_key() != self._template.layout_key():
-            raise ValueError(_layout_mismatch(self._template, params))
+            raise ValueError(layout_mismatch(self._template, params))
         self._pending.append((order_key, params, float(weight)))
         self._total_weight += float(weight)
         if self.max_buffered is not None and len(self._pending) >= self.max_buffered:
@@ -109,18 +110,6 @@ class WeightedMeanAccumulator:
                 if scale is not None:
                     block.mul_(scale)
         self._pending = []
-
-
-def _layout_mismatch(expected: PackedTensors, got: PackedTensors) -> str:
-    want = {s.name: (s.dtype, s.shape) for s in expected.specs}
-    have = {s.name: (s.dtype, s.shape) for s in got.specs}
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    if missing or extra:
-        return f"update has different keys: missing {missing[:5]}, unexpected {extra[:5]}"
-    for name, (dtype, shape) in want.items():
-        if have[name] != (dtype, shape):
-            return f"update tensor {name!r} is {have[name][0]} {list(have[name][1])}, expected {dtype} {list(shape)}"
-    return "update tensors are in a different order than the global model's"
 
 
 class FedAvg(AggregationStrategy):

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from argparse import Namespace
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, FrozenSet, Optional
 
 from .communication.message import Message
-from .communication.transport import Transport
+from .communication.transport import PeerFailure, Transport
 
 MessageHandler = Callable[[Message], None]
 
@@ -30,8 +31,8 @@ class MessageLoop:
         self.rank = transport.rank
         self.size = transport.world_size
         self.message_handlers: Dict[int, MessageHandler] = {}
-        # Seconds to wait for a message before on_receive_timeout() runs; None waits forever.
-        self.receive_timeout: Optional[float] = None
+        # time.monotonic() at which on_deadline() runs if no message came; None: no deadline.
+        self.deadline: Optional[float] = None
         self._running = False
 
     def register_message_receive_handlers(self) -> None:
@@ -51,9 +52,15 @@ class MessageLoop:
         self.register_message_receive_handlers()
         self._running = True
         while self._running:
-            message = self.transport.receive(timeout=self.receive_timeout)
+            timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            try:
+                message = self.transport.receive(timeout=timeout)
+            except PeerFailure as failure:
+                self.on_peer_failure(failure.ranks)
+                continue
             if message is None:
-                self.on_receive_timeout()
+                self.deadline = None
+                self.on_deadline()
                 continue
             handler = self.message_handlers.get(message.msg_type)
             if handler is None:
@@ -64,8 +71,12 @@ class MessageLoop:
             handler(message)
         logging.debug("rank %d: message loop finished", self.rank)
 
-    def on_receive_timeout(self) -> None:
-        """Hook: nothing arrived within ``receive_timeout`` seconds."""
+    def on_deadline(self) -> None:
+        """Hook: ``self.deadline`` passed (it is reset to None before this runs)."""
+
+    def on_peer_failure(self, ranks: FrozenSet[int]) -> None:
+        """Hook: the transport reports that the processes ``ranks`` died."""
+        raise PeerFailure(ranks)
 
     def finish(self) -> None:
         """End :meth:`run` after the current handler returns. Never aborts MPI: every

@@ -5,8 +5,19 @@
 #
 # Starts CLIENT_NUM+1 processes (process 0 is the server, 1..CLIENT_NUM the clients)
 # running EXPERIMENT_DIR/main_fedavg.py with mpirun over EXPERIMENT_DIR/mpi_host_file
-# (or $MPI_HOST_FILE). A hostfile naming only this machine runs everything locally.
-# Environment: PYTHON (default python3), MPIRUN (default mpirun), MPIRUN_ARGS (extra flags).
+# (or $MPI_HOST_FILE). A hostfile naming only this machine runs everything locally;
+# otherwise process i runs on the host of the hostfile's i-th process slot (see
+# fedml_api/utils/hostfile.py), started over ssh from this machine.
+# Environment: PYTHON (default python3), MPIRUN (default mpirun), MPIRUN_ARGS (extra flags),
+# FEDML_EXIT_GRACE (seconds ranks get to exit after the server is done; default 15).
+#
+# Failures: the job runs with Open MPI's ULFM (--with-ft ulfm), so a dead client is
+# reported to the server instead of ending the job. A client that is alive but never
+# exits (frozen by SIGSTOP, hung) would keep mpirun waiting forever, so the server
+# reports its exit status through FEDML_STATUS_FILE and, once it has, this launcher
+# gives the other ranks FEDML_EXIT_GRACE seconds and then stops what is left.
+# The exit status is the server's (0: the run completed), or mpirun's if the server
+# never reported one.
 set -eu
 
 usage() {
@@ -28,6 +39,7 @@ if [ "$WORKER_NUM" -gt "$CLIENT_NUM" ]; then
 fi
 
 PROCESS_NUM=$((CLIENT_NUM + 1))
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
 MPIRUN=${MPIRUN:-mpirun}
 HOSTFILE=${MPI_HOST_FILE:-$EXP_DIR/mpi_host_file}
@@ -47,14 +59,57 @@ done
 set -- --client_num_in_total "$CLIENT_NUM" --client_num_per_round "$WORKER_NUM" --comm_round "$ROUND" "$@"
 # Processes share cores on purpose (more ranks than cores is normal here): no binding,
 # and each rank limits its own torch threads.
-MPI_FLAGS="-np $PROCESS_NUM --bind-to none"
+MPI_FLAGS="-np $PROCESS_NUM --bind-to none --with-ft ulfm"
 [ "$(id -u)" = 0 ] && MPI_FLAGS="$MPI_FLAGS --allow-run-as-root"
 if [ "$ONLY_LOCAL" = yes ]; then
     MPI_FLAGS="$MPI_FLAGS --host localhost:$PROCESS_NUM --oversubscribe"
 else
-    MPI_FLAGS="$MPI_FLAGS --hostfile $HOSTFILE --map-by slot -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH"
+    # Where each process goes, checked before anything starts: the hostfile must hold
+    # PROCESS_NUM processes. The seq mapper then puts process i on the i-th host of the
+    # list, whatever the hosts' core counts.
+    PLACEMENT=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m fedml_api.utils.hostfile "$HOSTFILE" "$PROCESS_NUM") || exit 2
+    # Remote daemons and processes are found at this Open MPI's prefix (the same path on
+    # every host, like the project and its environment).
+    MPI_PREFIX=$(cd "$(dirname "$(readlink -f "$(command -v "$MPIRUN")")")/.." && pwd)
+    MPI_FLAGS="$MPI_FLAGS --host $PLACEMENT --map-by seq --prefix $MPI_PREFIX"
+    # mpirun warns about -x of an unset variable: forward only the ones set here.
+    for var in PATH LD_LIBRARY_PATH PYTHONPATH; do
+        eval "value=\${$var:-}"
+        [ -z "$value" ] || MPI_FLAGS="$MPI_FLAGS -x $var"
+    done
 fi
+
+STATUS_FILE=$(mktemp "${TMPDIR:-/tmp}/fedml-status.XXXXXX")
+rm -f "$STATUS_FILE"  # the server creates it when it is done
+export FEDML_STATUS_FILE="$STATUS_FILE"
+GRACE=${FEDML_EXIT_GRACE:-15}
 
 cd "$EXP_DIR"
 # shellcheck disable=SC2086  # MPI_FLAGS and MPIRUN_ARGS are word lists
-exec "$MPIRUN" $MPI_FLAGS ${MPIRUN_ARGS:-} "$PYTHON" ./main_fedavg.py "$@"
+"$MPIRUN" $MPI_FLAGS -x FEDML_STATUS_FILE ${MPIRUN_ARGS:-} "$PYTHON" ./main_fedavg.py "$@" &
+MPIRUN_PID=$!
+trap 'kill -TERM "$MPIRUN_PID" 2>/dev/null' INT TERM HUP
+
+WAITED=0  # tenths of a second since the server reported
+STOPPED=no
+while kill -0 "$MPIRUN_PID" 2>/dev/null; do
+    if [ -f "$STATUS_FILE" ]; then
+        WAITED=$((WAITED + 1))
+        if [ "$STOPPED" = no ] && [ "$WAITED" -ge $((GRACE * 10)) ]; then
+            echo "launcher: the server finished ${GRACE} s ago but some ranks have not exited (frozen or hung clients); stopping them" >&2
+            kill -TERM "$MPIRUN_PID" 2>/dev/null || true
+            STOPPED=yes
+        elif [ "$STOPPED" = yes ] && [ "$WAITED" -ge $((GRACE * 10 + 100)) ]; then
+            kill -KILL "$MPIRUN_PID" 2>/dev/null || true
+        fi
+    fi
+    sleep 0.1
+done
+MPI_STATUS=0
+wait "$MPIRUN_PID" || MPI_STATUS=$?
+if [ -f "$STATUS_FILE" ]; then
+    SERVER_STATUS=$(cat "$STATUS_FILE")
+    rm -f "$STATUS_FILE"
+    exit "$SERVER_STATUS"
+fi
+exit "$MPI_STATUS"

@@ -22,7 +22,9 @@ from tiny_federation import TinyTrainer, make_model  # noqa: E402
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     comm, process_id, worker_number = FedML_init()
-    args = add_federation_args(argparse.ArgumentParser()).parse_args()
+    parser = add_federation_args(argparse.ArgumentParser())
+    parser.add_argument("--train_delay", type=float, default=0.0, help="seconds each local training sleeps first")
+    args = parser.parse_args()
     check_federation_args(args)
     setproctitle.setproctitle("FedAvg (distributed):" + str(process_id))
     seed_everything(args.seed)

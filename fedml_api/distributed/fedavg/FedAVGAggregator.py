@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from argparse import Namespace
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,17 +30,24 @@ class FedAVGAggregator:
         self.strategy = strategy if strategy is not None else FedAvg(getattr(args, "max_buffered_updates", None))
         self.global_model = PackedTensors.from_tensors(model_trainer.get_model_params())
 
-    def client_sampling(self, round_idx: int) -> List[int]:
-        """The process ids (1..CLIENT_NUM) of the clients that train in ``round_idx``.
+    def set_global_model(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace the global model (e.g. with a checkpoint's)."""
+        self.global_model = PackedTensors.from_tensors(state)
 
-        Drawn without replacement from a generator seeded by ``(args.seed, round_idx)``,
-        so a run is reproducible and a resumed run samples as the original would.
+    def client_sampling(self, round_idx: int, candidates: Optional[Sequence[int]] = None) -> List[int]:
+        """The process ids of the clients that train in ``round_idx``.
+
+        ``args.client_num_per_round`` of ``candidates`` (default: all clients
+        1..CLIENT_NUM; the server passes the ones that have not failed), drawn without
+        replacement from a generator seeded by ``(args.seed, round_idx)``: a run is
+        reproducible, and a resumed run samples as the original would.
         """
-        total, per_round = self.args.client_num_in_total, self.args.client_num_per_round
-        if per_round >= total:
-            return list(range(1, total + 1))
+        pool = sorted(candidates) if candidates is not None else list(range(1, self.args.client_num_in_total + 1))
+        per_round = self.args.client_num_per_round
+        if per_round >= len(pool):
+            return pool
         rng = np.random.default_rng([self.args.seed, round_idx])
-        return sorted(int(i) + 1 for i in rng.choice(total, per_round, replace=False))
+        return sorted(pool[int(i)] for i in rng.choice(len(pool), per_round, replace=False))
 
     def add_local_trained_result(self, client_id: int, params: PackedTensors, sample_number: int) -> None:
         self.strategy.add(ClientUpdate(client_id, params, sample_number))

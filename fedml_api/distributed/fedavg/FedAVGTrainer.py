@@ -8,7 +8,13 @@ from typing import Any, Dict, Mapping, Tuple
 
 import torch
 
+from fedml_api.utils.process_setup import seed_everything
 from fedml_core.trainer.model_trainer import ModelTrainer
+
+
+def round_seed(seed: int, round_idx: int, client_id: int) -> int:
+    """A seed for one client's local training in one round (distinct per triple)."""
+    return (seed * 1_000_003 + round_idx) * 1_000_003 + client_id
 
 
 class FedAVGTrainer:
@@ -36,9 +42,15 @@ class FedAVGTrainer:
         self.trainer.set_model_params(global_params)
 
     def train(self, round_idx: int) -> Tuple[Dict[str, torch.Tensor], int, float]:
-        """Train locally for round ``round_idx``; returns (state, sample number, seconds)."""
+        """Train locally for round ``round_idx``; returns (state, sample number, seconds).
+
+        The random generators are re-seeded from ``(args.seed, round_idx, client_id)``
+        first, so a client's update is a function of the global model and the round
+        alone: runs are reproducible and a resumed run continues bit-exactly.
+        """
         # The ModelTrainer signature has no round index; learning-rate schedules read it here.
         self.args.round_idx = round_idx
+        seed_everything(round_seed(getattr(self.args, "seed", 0), round_idx, self.client_id))
         start = time.perf_counter()
         self.trainer.train(self.device, self.args, self.train_path)
         seconds = time.perf_counter() - start

@@ -1,6 +1,7 @@
 """Entry points of distributed FedAvg: what a ``main_fedavg.py`` calls."""
 from __future__ import annotations
 
+import logging
 from argparse import Namespace
 from typing import Optional, Tuple
 
@@ -9,12 +10,14 @@ import torch
 from fedml_core.distributed.communication.transport import Transport
 from fedml_core.trainer.model_trainer import ModelTrainer
 from fedml_core.trainer.result_aggregator import ResultAggregator
+from fedml_api.utils.launch_status import report_server_exit
 from fedml_api.utils.run_recorder import RunRecorder
 
 from .FedAVGAggregator import FedAVGAggregator
 from .FedAVGTrainer import FedAVGTrainer
 from .FedAvgClientManager import FedAVGClientManager
-from .FedAvgServerManager import FedAVGServerManager
+from .checkpoint import check_same_model, load_checkpoint
+from .FedAvgServerManager import FederationError, FedAVGServerManager, release_clients
 
 
 def FedML_init() -> Tuple["MPI.Comm", int, int]:
@@ -73,13 +76,35 @@ def FedML_FedAvg_distributed(
 
 
 def init_server(args: Namespace, device: torch.device, transport: Transport, model: torch.nn.Module, model_trainer: ModelTrainer, result_aggregator: ResultAggregator) -> None:
-    """Build the aggregator and server manager, then run the rounds."""
+    """Build the aggregator and server manager (from ``args.resume``'s checkpoint if
+    given), then run the rounds.
+
+    A run that cannot go on (too few clients, a bad checkpoint) logs why as its last
+    line, releases the clients and exits with status 1 (``SystemExit``).
+    """
     aggregator = FedAVGAggregator(model_trainer, result_aggregator, args)
-    recorder = RunRecorder(args.run_dir, config=vars(args))
+    checkpoint = None
+    recorder = None
+    status = 1
     try:
-        FedAVGServerManager(args, aggregator, transport, recorder).run()
+        if args.resume:
+            checkpoint = load_checkpoint(args.resume)
+            check_same_model(checkpoint.global_model, model_trainer.get_model_params(), args.resume)
+            aggregator.set_global_model(checkpoint.global_model)
+            logging.info("server: resuming %s after round %d", args.resume, checkpoint.round_idx)
+        recorder = RunRecorder(args.run_dir, config=vars(args), previous_records=checkpoint.records if checkpoint else ())
+        manager = FedAVGServerManager(args, aggregator, transport, recorder, resume_from=checkpoint)
+        manager.run()
+        status = 0
+    except (FederationError, ValueError, FileNotFoundError) as error:
+        if recorder is None:  # failed before the run started: the clients still wait for us
+            release_clients(transport, args.client_num_in_total)
+        logging.error("FedAvg stopped: %s", error)
+        raise SystemExit(f"FedAvg stopped: {error}") from None
     finally:
-        recorder.close()
+        if recorder is not None:
+            recorder.close()
+        report_server_exit(status)
 
 
 def init_client(args: Namespace, device: torch.device, transport: Transport, process_id: int, model_trainer: ModelTrainer, train_path: str, test_path: str) -> None:

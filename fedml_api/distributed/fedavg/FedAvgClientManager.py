@@ -24,6 +24,11 @@ class FedAVGClientManager(ClientManager):
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_TEST_MODEL, self.handle_message_test_model_on_client)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_FINISH, self.handle_message_finish)
 
+    def run(self) -> None:
+        # The trainer has loaded this client's data: tell the server we can take work.
+        self.send_message(Message(MyMessage.MSG_TYPE_C2S_CLIENT_READY, self.rank, 0))
+        super().run()
+
     def handle_message_receive_model_from_server(self, msg: Message) -> None:
         round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
         self.trainer.update_model(msg.tensors)
@@ -49,3 +54,8 @@ class FedAVGClientManager(ClientManager):
     def handle_message_finish(self, msg: Message) -> None:
         logging.info("client %d: finished", self.rank)
         self.finish()
+
+    def on_peer_failure(self, ranks) -> None:
+        if 0 in ranks:
+            raise RuntimeError(f"client {self.rank}: the server (process 0) died; stopping")
+        # Another client died: nothing to do with us.

@@ -1,17 +1,27 @@
-"""The server's message handlers for FedAvg: drives the rounds."""
+"""The server's message handlers for FedAvg: drives the rounds, survives failed clients."""
 from __future__ import annotations
 
 import logging
 import time
 from argparse import Namespace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional
 
+from fedml_core.aggregation import InvalidUpdate, check_update
 from fedml_core.distributed.communication.message import Message
-from fedml_core.distributed.communication.transport import Transport
+from fedml_core.distributed.communication.transport import PeerFailure, Transport
 from fedml_core.distributed.server.server_manager import ServerManager
 
+from .args import resolve_min_clients
+from .checkpoint import ServerCheckpoint, save_checkpoint
 from .FedAVGAggregator import FedAVGAggregator
 from .message_define import MyMessage
+
+# How long the final "finish" messages may take to reach the clients.
+FINISH_SEND_TIMEOUT = 5.0
+
+
+class FederationError(RuntimeError):
+    """The run cannot go on (e.g. too few clients left); the checkpoint is kept."""
 
 
 class FedAVGServerManager(ServerManager):
@@ -19,67 +29,128 @@ class FedAVGServerManager(ServerManager):
 
     Each round: send the global model to the sampled clients, aggregate their replies,
     and on test rounds (every ``args.frequency_of_the_test`` rounds and after the
-    last one) have every client test the new model and combine the metrics.
+    last one) have every client test the new model and combine the metrics. After every
+    round a checkpoint is written.
+
+    Failures: a client that dies (reported by the transport), does not answer within
+    ``args.round_timeout`` seconds, or cannot be sent to, is marked failed and left out
+    of later rounds; the round is aggregated from the updates that arrived if there are
+    at least ``min_clients`` of them, else the run stops with :class:`FederationError`.
+    A failed client that later sends anything is known to be back and may be sampled
+    again. An update with the wrong tensors or non-finite values is rejected and the
+    round goes on without it.
 
     Args:
-        args: needs ``comm_round``, ``frequency_of_the_test``, ``client_num_in_total``.
+        args: needs ``comm_round``, ``frequency_of_the_test``, ``client_num_in_total``,
+            ``client_num_per_round``, ``round_timeout`` (None: wait forever),
+            ``min_clients_per_round``, ``run_dir``.
         aggregator: the server's :class:`FedAVGAggregator`.
         transport: moves the messages.
         recorder: receives one record per round and the final model (a ``RunRecorder``).
+        resume_from: continue after this checkpoint's round instead of starting at 0.
     """
 
-    def __init__(self, args: Namespace, aggregator: FedAVGAggregator, transport: Transport, recorder) -> None:
+    def __init__(self, args: Namespace, aggregator: FedAVGAggregator, transport: Transport, recorder,
+                 resume_from: Optional[ServerCheckpoint] = None) -> None:
         super().__init__(args, transport)
         self.aggregator = aggregator
         self.recorder = recorder
         self.round_num = args.comm_round
-        self.round_idx = 0
+        self.round_timeout: Optional[float] = args.round_timeout
+        self.min_clients = resolve_min_clients(args.min_clients_per_round, args.client_num_per_round)
         self.clients = list(range(1, args.client_num_in_total + 1))
-        self._sampled: List[int] = []
+        self.failed: Dict[int, str] = {}
+        self.round_idx = 0
+        if resume_from is not None:
+            self.round_idx = resume_from.round_idx + 1
+            self.failed = dict(resume_from.failed_clients)
+        self._phase = "idle"
         self._waiting: set = set()
         self._record: Dict[str, Any] = {}
+        self._accepted = 0
         self._train_seconds: List[float] = []
         self._test_results: Dict[int, Dict[str, Any]] = {}
         self._round_start = self._phase_start = 0.0
         self._run_start = time.perf_counter()
 
     def register_message_receive_handlers(self) -> None:
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENT_READY, self.handle_message_client_ready)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, self.handle_message_receive_model_from_client)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_SEND_TEST_RESULT, self.handle_message_receive_test_result)
 
     def run(self) -> None:
-        self.send_init_msg()
-        super().run()
+        try:
+            if self.round_idx >= self.round_num:
+                raise FederationError(f"nothing to do: the checkpoint already holds all {self.round_num} rounds")
+            self.send_init_msg()
+            super().run()
+        except BaseException:
+            self._release_clients()  # let them exit instead of waiting for us forever
+            raise
+
+    def available_clients(self) -> List[int]:
+        return [c for c in self.clients if c not in self.failed]
+
+    # -- start-up ----------------------------------------------------------------
+    def send_init_msg(self) -> None:
+        """Wait for every available client to report ready, then start the first round.
+
+        Start-up (importing torch, loading data) can take much longer than a round, so
+        it has its own deadline, ``args.startup_timeout``, instead of the round timeout.
+        """
+        self._phase = "startup"
+        self._waiting = set(self.available_clients())
+        self.deadline = None if self.args.startup_timeout is None else time.monotonic() + self.args.startup_timeout
+
+    def handle_message_client_ready(self, msg: Message) -> None:
+        sender = msg.get_sender_id()
+        if self._phase != "startup":
+            # Ready only after we gave up on it: it is back for later rounds.
+            self.failed.pop(sender, None)
+            return
+        self._waiting.discard(sender)
+        self._maybe_end_phase()
 
     # -- training phase ----------------------------------------------------------
-    def send_init_msg(self) -> None:
-        self._start_round()
 
     def _start_round(self) -> None:
-        self._sampled = self.aggregator.client_sampling(self.round_idx)
-        self._waiting = set(self._sampled)
+        candidates = self.available_clients()
+        if len(candidates) < self.min_clients:
+            raise FederationError(
+                f"round {self.round_idx}: only {len(candidates)} clients left ({candidates}), fewer than "
+                f"--min_clients_per_round={self.min_clients}; failed: {self.failed}"
+            )
+        sampled = self.aggregator.client_sampling(self.round_idx, candidates)
+        # Failures seen since the last round ended (e.g. at start-up) stay in this record.
+        self._record = {"round": self.round_idx, "sampled_clients": sampled, **self._record}
+        self._accepted = 0
         self._train_seconds = []
-        self._record = {"round": self.round_idx, "sampled_clients": list(self._sampled)}
         self._round_start = time.perf_counter()
-        for client_id in self._sampled:
-            self._send_global_model(MyMessage.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT, client_id)
-
-    def _send_global_model(self, msg_type: int, client_id: int) -> None:
-        message = Message(msg_type, self.rank, client_id)
-        message.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, self.round_idx)
-        message.set_packed(self.aggregator.global_model)
-        self.send_message(message)
+        self._begin_phase("train", sampled, MyMessage.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT)
 
     def handle_message_receive_model_from_client(self, msg: Message) -> None:
         sender = msg.get_sender_id()
-        if msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX) != self.round_idx or sender not in self._waiting:
-            logging.warning("server: ignoring an unexpected model from client %d for round %s", sender, msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX))
+        if not self._expected(msg, "train"):
             return
+        try:
+            check_update(self.aggregator.global_model, msg.packed)
+            num_samples = int(msg.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES))
+            self.aggregator.add_local_trained_result(sender, msg.packed, num_samples)
+        except (InvalidUpdate, ValueError) as error:
+            logging.error("server: round %d: rejected the update of client %d: %s", self.round_idx, sender, error)
+            self._record.setdefault("rejected_updates", {})[str(sender)] = str(error)
+        else:
+            self._accepted += 1
+            self._train_seconds.append(float(msg.get(MyMessage.MSG_ARG_KEY_TRAIN_SECONDS)))
         self._waiting.discard(sender)
-        self._train_seconds.append(float(msg.get(MyMessage.MSG_ARG_KEY_TRAIN_SECONDS)))
-        self.aggregator.add_local_trained_result(sender, msg.packed, int(msg.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES)))
-        if self._waiting:
-            return
+        self._maybe_end_phase()
+
+    def _end_training_phase(self) -> None:
+        if self._accepted < self.min_clients:
+            raise FederationError(
+                f"round {self.round_idx}: {self._accepted} usable updates, fewer than "
+                f"--min_clients_per_round={self.min_clients}; failed: {self.failed}"
+            )
         updates_in = time.perf_counter()
         self.aggregator.aggregate()
         aggregated = time.perf_counter()
@@ -90,7 +161,8 @@ class FedAVGServerManager(ServerManager):
             aggregation_seconds=aggregated - updates_in,
         )
         if self._is_test_round():
-            self._start_test()
+            self._test_results = {}
+            self._begin_phase("test", self.available_clients(), MyMessage.MSG_TYPE_S2C_TEST_MODEL)
         else:
             self._end_round()
 
@@ -98,33 +170,104 @@ class FedAVGServerManager(ServerManager):
     def _is_test_round(self) -> bool:
         return (self.round_idx + 1) % self.args.frequency_of_the_test == 0 or self.round_idx == self.round_num - 1
 
-    def _start_test(self) -> None:
-        self._test_results = {}
-        self._waiting = set(self.clients)
-        self._phase_start = time.perf_counter()
-        for client_id in self.clients:
-            self._send_global_model(MyMessage.MSG_TYPE_S2C_TEST_MODEL, client_id)
-
     def handle_message_receive_test_result(self, msg: Message) -> None:
         sender = msg.get_sender_id()
-        if msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX) != self.round_idx or sender not in self._waiting:
-            logging.warning("server: ignoring an unexpected test result from client %d", sender)
+        if not self._expected(msg, "test"):
             return
         self._waiting.discard(sender)
         self._test_results[sender] = {
             "result": msg.get(MyMessage.MSG_ARG_KEY_TEST_RESULT),
             "sample_number": int(msg.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES)),
         }
-        if self._waiting:
-            return
-        self._record["test"] = self.aggregator.aggregate_test_results(self._test_results)
+        self._maybe_end_phase()
+
+    def _end_test_phase(self) -> None:
+        if self._test_results:
+            self._record["test"] = self.aggregator.aggregate_test_results(self._test_results)
+            self._record["tested_clients"] = sorted(self._test_results)
         self._record["test_seconds"] = time.perf_counter() - self._phase_start
         self._end_round()
+
+    # -- phases, deadlines, failures ---------------------------------------------
+    def _begin_phase(self, phase: str, clients: List[int], msg_type: int) -> None:
+        """Send the global model to ``clients`` and wait for their replies (with a deadline)."""
+        self._phase = phase
+        self._waiting = set(clients)
+        self._phase_start = time.perf_counter()
+        self.deadline = None if self.round_timeout is None else time.monotonic() + self.round_timeout
+        messages = []
+        for client_id in clients:
+            message = Message(msg_type, self.rank, client_id)
+            message.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, self.round_idx)
+            message.set_packed(self.aggregator.global_model)
+            messages.append(message)
+        # Concurrent sends: a frozen client holds up nobody but itself.
+        for client_id, error in self.transport.send_many(messages, timeout=self.round_timeout).items():
+            self._client_failed(client_id, "its process died" if isinstance(error, PeerFailure) else f"could not be sent the model: {error}")
+        self._maybe_end_phase()
+
+    def _maybe_end_phase(self) -> None:
+        if self._waiting:
+            return
+        phase, self._phase, self.deadline = self._phase, "idle", None
+        if phase == "startup":
+            self._start_round()
+        elif phase == "train":
+            self._end_training_phase()
+        elif phase == "test":
+            self._end_test_phase()
+
+    def _expected(self, msg: Message, phase: str) -> bool:
+        """True if ``msg`` is a reply the current phase waits for; otherwise it is stale
+        (a late reply from a timed-out client), which still proves its sender is alive."""
+        sender = msg.get_sender_id()
+        if self._phase == phase and msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX) == self.round_idx and sender in self._waiting:
+            return True
+        if sender in self.failed:
+            logging.warning("server: client %d is back (late reply for round %s); it may be sampled again",
+                            sender, msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX))
+            del self.failed[sender]
+            self._record.setdefault("recovered_clients", []).append(sender)
+        else:
+            logging.warning("server: ignoring an unexpected message from client %d", sender)
+        return False
+
+    def on_deadline(self) -> None:
+        if self._phase == "startup":
+            reason = f"not ready within --startup_timeout={self.args.startup_timeout} s"
+        else:
+            reason = f"no reply within --round_timeout={self.round_timeout} s"
+        for client_id in sorted(self._waiting):
+            self._client_failed(client_id, reason)
+        self._maybe_end_phase()
+
+    def on_peer_failure(self, ranks: FrozenSet[int]) -> None:
+        for client_id in sorted(ranks):
+            self._client_failed(client_id, "its process died")
+        self._maybe_end_phase()
+
+    def _client_failed(self, client_id: int, reason: str) -> None:
+        if client_id in self.failed:
+            return
+        logging.error("server: round %d: client %d failed: %s", self.round_idx, client_id, reason)
+        self.failed[client_id] = reason
+        self._record.setdefault("failures", {})[str(client_id)] = reason
+        self._waiting.discard(client_id)
 
     # -- bookkeeping -------------------------------------------------------------
     def _end_round(self) -> None:
         self._record["round_seconds"] = time.perf_counter() - self._round_start
+        if self.failed:
+            self._record["failed_clients"] = sorted(self.failed)
         self.recorder.log_round(self._record)
+        self._record = {}
+        save_checkpoint(self.args.run_dir, ServerCheckpoint(
+            round_idx=self.round_idx,
+            global_model=self.aggregator.global_model_state(),
+            failed_clients=dict(self.failed),
+            records=list(self.recorder.records),
+            seed=self.args.seed,
+        ))
         self.round_idx += 1
         if self.round_idx < self.round_num:
             self._start_round()
@@ -132,7 +275,19 @@ class FedAVGServerManager(ServerManager):
             self._finish_run()
 
     def _finish_run(self) -> None:
-        for client_id in self.clients:
-            self.send_message(Message(MyMessage.MSG_TYPE_S2C_FINISH, self.rank, client_id))
+        self._release_clients()
         self.recorder.finish(self.aggregator.global_model_state(), wall_seconds=time.perf_counter() - self._run_start)
         self.finish()
+
+    def _release_clients(self) -> None:
+        # Failed clients too: one that was only slow must not wait for us forever. The
+        # message is tiny, so a send to a frozen peer completes locally; a dead one fails fast.
+        release_clients(self.transport, self.clients)
+
+
+def release_clients(transport: Transport, clients) -> None:
+    """Tell ``clients`` (ids, or a count meaning 1..count) to finish; best effort, bounded time."""
+    ids = range(1, clients + 1) if isinstance(clients, int) else clients
+    messages = [Message(MyMessage.MSG_TYPE_S2C_FINISH, transport.rank, c) for c in ids]
+    for client_id, error in transport.send_many(messages, timeout=FINISH_SEND_TIMEOUT).items():
+        logging.warning("server: could not tell client %d to finish: %s", client_id, error)

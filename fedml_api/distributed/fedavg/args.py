@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
+from typing import Optional
 
 
 def add_federation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -18,6 +20,14 @@ def add_federation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--seed", type=int, default=0, help="seeds python/numpy/torch and the client sampling")
     group.add_argument("--wandb_mode", choices=["auto", "online", "offline", "disabled"], default="auto",
                        help="auto: online when logged in to wandb, else offline; never prompts")
+    group.add_argument("--round_timeout", type=float, default=None,
+                       help="seconds the server waits for a round's replies; clients that miss it are marked failed (default: wait forever)")
+    group.add_argument("--startup_timeout", type=float, default=600,
+                       help="seconds the server waits for the clients to start (load torch and their data) before round 1; late ones are marked failed")
+    group.add_argument("--min_clients_per_round", type=float, default=None,
+                       help="fewest usable updates a round needs, as a count or a fraction (0-1) of WORKER_NUM; fewer stops the run (default: 1)")
+    group.add_argument("--resume", type=str, default=None,
+                       help="continue from a checkpoint: a run directory or its checkpoint.pt")
     group.add_argument("--max_buffered_updates", type=int, default=None,
                        help="fold client updates into the average every N arrivals to bound server memory (default: all at once, fastest)")
     return parser
@@ -33,9 +43,29 @@ def check_federation_args(args: argparse.Namespace) -> None:
             f"WORKER_NUM (--client_num_per_round={args.client_num_per_round}) cannot exceed "
             f"CLIENT_NUM (--client_num_in_total={args.client_num_in_total})"
         )
+    for name in ("round_timeout", "startup_timeout"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name} must be a positive number of seconds, got {value}")
+    if args.min_clients_per_round is not None:
+        resolve_min_clients(args.min_clients_per_round, args.client_num_per_round)
+        if args.min_clients_per_round > args.client_num_per_round:
+            raise ValueError(f"--min_clients_per_round ({args.min_clients_per_round:g}) cannot exceed WORKER_NUM ({args.client_num_per_round})")
     if args.max_buffered_updates is not None and args.max_buffered_updates < 1:
         raise ValueError(f"--max_buffered_updates must be at least 1, got {args.max_buffered_updates}")
 
 
 def default_run_dir(experiment: str) -> str:
     return os.path.join("runs", f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def resolve_min_clients(value: Optional[float], per_round: int) -> int:
+    """``--min_clients_per_round``: a count (>= 1), or a fraction (0 < f < 1) of WORKER_NUM
+    rounded up; None means 1."""
+    if value is None:
+        return 1
+    if 0 < value < 1:
+        return max(1, math.ceil(value * per_round))
+    if value >= 1 and float(value).is_integer():
+        return int(value)
+    raise ValueError(f"--min_clients_per_round must be a positive integer or a fraction in (0, 1), got {value}")

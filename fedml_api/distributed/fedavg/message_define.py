@@ -1,5 +1,7 @@
 """Message types and parameter keys of the FedAvg protocol.
 
+Start: every client sends ``C2S_CLIENT_READY`` once it has loaded its data; the server
+starts the first round when all have (or ``--startup_timeout`` passed).
 Round protocol: the server sends ``S2C_SYNC_MODEL_TO_CLIENT`` (global model) to the
 round's sampled clients, each answers ``C2S_SEND_MODEL_TO_SERVER`` (its trained state
 and sample number); on test rounds the server sends ``S2C_TEST_MODEL`` to every client,
@@ -14,6 +16,7 @@ class MyMessage:
     MSG_TYPE_S2C_FINISH = 3
 
     # client -> server
+    MSG_TYPE_C2S_CLIENT_READY = 10
     MSG_TYPE_C2S_SEND_MODEL_TO_SERVER = 11
     MSG_TYPE_C2S_SEND_TEST_RESULT = 12
 

@@ -12,6 +12,11 @@ The receiver allocates a :class:`PackedTensors` from the header and receives the
 straight into it, so a model arrives as flat per-dtype buffers with no extra copy. MPI
 keeps messages of one (source, tag) in order, so payloads always follow their header.
 
+Failures: under Open MPI's ULFM (``mpirun --with-ft ulfm``) a dead peer surfaces as
+an MPI error; the transport acknowledges it and raises :class:`PeerFailure` naming
+the dead ranks, and a send to a dead or frozen peer fails or times out without
+blocking the sends to other peers (:meth:`MpiTransport.send_many`).
+
 Waiting never spins a core for long: a wait spins for ``spin_seconds`` (20 ms by
 default: echoes and large transfers land within it), then probes with an exponential
 sleep back-off capped at ``max_poll_interval`` (1 ms by default), which bounds the
@@ -21,14 +26,14 @@ from __future__ import annotations
 
 import pickle
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mpi4py import MPI
 
 from .message import Message
 from .packed_tensors import BufferPool, PackedTensors, byte_view, dtype_from_name, dtype_name
-from .transport import Transport, TransportTimeout
+from .transport import PeerFailure, Transport, TransportTimeout
 
 HEADER_TAG = 17
 DATA_TAG = 18
@@ -41,18 +46,52 @@ class MpiTransport(Transport):
         comm: the communicator (``MPI.COMM_WORLD`` by default); its rank 0 is the server.
         max_poll_interval: longest sleep between two probes while idle, in seconds.
         spin_seconds: how long a wait polls without sleeping before it backs off.
+        payload_timeout: seconds a message's tensors may take to arrive once its header
+            has; a sender slower than that is reported as failed.
     """
 
-    def __init__(self, comm: Optional[MPI.Comm] = None, max_poll_interval: float = 1e-3, spin_seconds: float = 0.02) -> None:
+    def __init__(self, comm: Optional[MPI.Comm] = None, max_poll_interval: float = 1e-3, spin_seconds: float = 0.02, payload_timeout: float = 120.0) -> None:
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.world_size = self.comm.Get_size()
         self.max_poll_interval = max_poll_interval
         self.spin_seconds = spin_seconds
+        self.payload_timeout = payload_timeout
         self.pool = BufferPool()
+        self.failed_ranks: set = set()
+        # Sends given up on (peer frozen) keep their buffers alive until MPI completes them.
+        self._abandoned: List[Tuple[List[MPI.Request], List[torch.Tensor]]] = []
 
     # -- sending -----------------------------------------------------------------
     def send(self, message: Message, timeout: Optional[float] = None) -> None:
+        failure = self.send_many([message], timeout).get(message.receiver_id)
+        if failure is not None:
+            raise failure
+
+    def send_many(self, messages: Sequence[Message], timeout: Optional[float] = None) -> Dict[int, Exception]:
+        pending = {m.receiver_id: self._post(m) for m in messages}
+        failures: Dict[int, Exception] = {}
+
+        def all_done() -> bool:
+            for dest in list(pending):
+                try:
+                    done = MPI.Request.Testall(pending[dest][0])
+                except MPI.Exception as error:
+                    failures[dest] = self._as_peer_failure(error, dest)
+                    done = True
+                if done:
+                    del pending[dest]
+            self._reap_abandoned()
+            return not pending
+
+        if not self._poll(all_done, timeout):
+            for dest, posted in pending.items():
+                failures[dest] = TransportTimeout(f"rank {dest} did not take a message within {timeout} s")
+                self._abandoned.append(posted)
+        return failures
+
+    def _post(self, message: Message) -> Tuple[List[MPI.Request], List[torch.Tensor]]:
+        """Start sending ``message``; returns its requests and the buffers they read."""
         dest = message.receiver_id
         packed = message.packed
         if packed is not None:
@@ -70,17 +109,50 @@ class MpiTransport(Transport):
             "tensors": entries,
             "by_dtype": packed is not None,
         }
-        requests = [self.comm.Isend([pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL), MPI.BYTE], dest, HEADER_TAG)]
-        requests += [self.comm.Isend([b.numpy(), MPI.BYTE], dest, DATA_TAG) for b in buffers]
-        self._wait(requests, timeout, f"sending message type {message.msg_type} to rank {dest}")
+        header_bytes = torch.frombuffer(bytearray(pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+        buffers = [header_bytes] + buffers
+        requests = [self.comm.Isend([header_bytes.numpy(), MPI.BYTE], dest, HEADER_TAG)]
+        requests += [self.comm.Isend([b.numpy(), MPI.BYTE], dest, DATA_TAG) for b in buffers[1:]]
+        return requests, buffers
+
+    def _reap_abandoned(self) -> None:
+        if self._abandoned:
+            self._abandoned = [(r, b) for r, b in self._abandoned if not _finished(r)]
+
+    def _as_peer_failure(self, error: "MPI.Exception", rank: Optional[int] = None) -> Exception:
+        """Turn ULFM's process-failure errors into PeerFailure; other MPI errors pass through.
+
+        ``rank``: the peer of the failed operation, when there is one (a send).
+        """
+        if error.Get_error_class() not in _FAILURE_CLASSES:
+            return error
+        self.comm.Ack_failed()
+        group = self.comm.Get_failed()
+        failed = set(MPI.Group.Translate_ranks(group, list(range(group.Get_size())), self.comm.Get_group()))
+        group.Free()
+        if rank is not None and rank not in failed:
+            return error  # an error in one of the requests that is not the peer's death
+        new = failed - self.failed_ranks
+        self.failed_ranks |= failed
+        return PeerFailure({rank} if rank is not None else (new or failed))
 
     # -- receiving ---------------------------------------------------------------
     def receive(self, timeout: Optional[float] = None) -> Optional[Message]:
         status = MPI.Status()
-        if not self._poll(lambda: self.comm.Iprobe(MPI.ANY_SOURCE, HEADER_TAG, status), timeout):
-            return None
-        source = status.Get_source()
-        raw = bytearray(status.Get_count(MPI.BYTE))
+
+        def arrived() -> bool:
+            self._reap_abandoned()
+            return self.comm.Iprobe(MPI.ANY_SOURCE, HEADER_TAG, status)
+
+        try:
+            if not self._poll(arrived, timeout):
+                return None
+            return self._receive_from(status.Get_source(), status.Get_count(MPI.BYTE), timeout)
+        except MPI.Exception as error:
+            raise self._as_peer_failure(error) from None
+
+    def _receive_from(self, source: int, header_size: int, timeout: Optional[float]) -> Message:
+        raw = bytearray(header_size)
         self.comm.Recv([raw, MPI.BYTE], source, HEADER_TAG)
         header: Dict[str, Any] = pickle.loads(raw)
         packed = PackedTensors.empty_like_specs(
@@ -91,9 +163,12 @@ class MpiTransport(Transport):
         else:
             targets = [packed.view(spec) for spec in packed.specs]
         requests = [self.comm.Irecv([byte_view(t).numpy(), MPI.BYTE], source, DATA_TAG) for t in targets]
-        # The payload is already on its way; a deadline only guards against a sender
-        # that died mid-message.
-        self._wait(requests, timeout, f"receiving the tensors of message type {header['type']} from rank {source}")
+        # The payload is already on its way. A sender that stops mid-message (frozen, its
+        # link cut) is treated as failed after payload_timeout rather than hanging us.
+        if not self._poll(lambda: MPI.Request.Testall(requests), self.payload_timeout):
+            self._abandoned.append((requests, targets))
+            self.failed_ranks.add(source)
+            raise PeerFailure({source})
         message = Message(header["type"], header["sender"], header["receiver"], header["params"])
         message.set_packed(packed)
         return message
@@ -119,12 +194,15 @@ class MpiTransport(Transport):
                 delay = min(delay * 2, self.max_poll_interval)
         return True
 
-    def _wait(self, requests: List[MPI.Request], timeout: Optional[float], what: str) -> None:
-        """Complete ``requests``; raise TransportTimeout after ``timeout`` seconds."""
-        if not self._poll(lambda: MPI.Request.Testall(requests), timeout):
-            for request in requests:
-                request.Cancel()
-            raise TransportTimeout(f"timed out after {timeout} s {what}")
+# ERR_IN_STATUS: a multi-request call failed in one request (e.g. its peer died).
+_FAILURE_CLASSES = (MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKED, MPI.ERR_IN_STATUS)
+
+
+def _finished(requests: List[MPI.Request]) -> bool:
+    try:
+        return MPI.Request.Testall(requests)
+    except MPI.Exception:  # the peer died: nothing more will happen to these requests
+        return True
 
 
 def _cpu_contiguous(tensor: torch.Tensor) -> torch.Tensor:

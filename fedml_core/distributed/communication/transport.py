@@ -2,13 +2,25 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Optional
+from typing import Dict, FrozenSet, Iterable, Optional, Sequence
 
 from .message import Message
 
 
 class TransportTimeout(TimeoutError):
     """A send could not complete within its deadline (the peer is gone or stuck)."""
+
+
+class PeerFailure(RuntimeError):
+    """The communication layer reports that peer processes died (e.g. MPI ULFM).
+
+    Attributes:
+        ranks: the ranks newly known to have failed.
+    """
+
+    def __init__(self, ranks: Iterable[int]) -> None:
+        self.ranks: FrozenSet[int] = frozenset(ranks)
+        super().__init__(f"processes {sorted(self.ranks)} failed")
 
 
 class Transport(ABC):
@@ -29,12 +41,28 @@ class Transport(ABC):
         Raises :class:`TransportTimeout` if that takes longer than ``timeout`` seconds.
         """
 
+    def send_many(self, messages: Sequence[Message], timeout: Optional[float] = None) -> Dict[int, Exception]:
+        """Deliver several messages (to distinct receivers) concurrently.
+
+        Waits at most ``timeout`` seconds in all. A receiver that cannot be reached in
+        time, or that has died, does not stop the others: returns ``{receiver_id:
+        error}`` for the messages that were not delivered (empty when all were).
+        """
+        failures: Dict[int, Exception] = {}
+        for message in messages:
+            try:
+                self.send(message, timeout)
+            except (TransportTimeout, PeerFailure) as error:
+                failures[message.receiver_id] = error
+        return failures
+
     @abstractmethod
     def receive(self, timeout: Optional[float] = None) -> Optional[Message]:
         """Wait for the next message addressed to this rank, from any sender.
 
         Returns None if none arrived within ``timeout`` seconds (``None``: wait forever).
-        Waiting does not spin a CPU core.
+        Waiting does not spin a CPU core. Raises :class:`PeerFailure` when the
+        communication layer learns that peers died (then call ``receive`` again).
         """
 
     def close(self) -> None:
