@@ -1,6 +1,7 @@
 """Tensors cross the wire as raw buffers, bit-exactly, whatever their dtype."""
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedml_core.distributed.communication.inprocess_transport import InProcessHub
@@ -67,6 +68,18 @@ def test_inprocess_transport_copies_every_dtype_bit_exactly_and_keeps_order():
     assert not torch.equal(got.tensors["conv.weight"], state["conv.weight"])
     assert client.receive(timeout=1).msg_type == 6
     assert client.receive(timeout=0.01) is None
+
+
+def test_params_that_are_not_plain_json_are_refused_by_the_sender():
+    hub = InProcessHub(2)
+    with pytest.raises(TypeError, match="message params must be plain JSON data"):
+        hub.transport(0).send(Message(1, 0, 1, {"model": torch.nn.Linear(1, 1)}))
+
+
+def test_a_peer_sending_something_that_is_not_a_header_is_treated_as_failed(run_mpi, tmp_path):
+    result = run_mpi(3, str(PROGRAMS / "malformed_header.py"), str(tmp_path / "out.txt"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out.txt").read_text().splitlines() == ["failed [1]", "message 7 from 2"]
 
 
 def test_mpi_transport_moves_a_mixed_dtype_state_bit_exactly(run_mpi, tmp_path):

@@ -1,16 +1,15 @@
 """Message transport between threads of one process, for testing the protocol without mpirun.
 
-It behaves like the wire: params are pickled and unpickled, tensors are copied into a
+It behaves like the wire: headers go through JSON, tensors are copied into a
 fresh :class:`PackedTensors` (so sender and receiver never share memory), and messages
 from one sender to one receiver keep their order.
 """
 from __future__ import annotations
 
-import pickle
 import queue
 from typing import List, Optional
 
-from .message import Message
+from .message import Message, decode_header, encode_header
 from .packed_tensors import PackedTensors
 from .transport import Transport
 
@@ -39,8 +38,8 @@ class InProcessTransport(Transport):
         self.world_size = hub.world_size
 
     def send(self, message: Message, timeout: Optional[float] = None) -> None:
-        params = pickle.loads(pickle.dumps(dict(message.params), protocol=pickle.HIGHEST_PROTOCOL))
-        copy = Message(message.msg_type, message.sender_id, message.receiver_id, params)
+        header = decode_header(encode_header(message.header()))
+        copy = Message(header["type"], header["sender"], header["receiver"], header["params"])
         copy.set_packed(PackedTensors.from_tensors(message.tensors))
         self.hub.inboxes[message.receiver_id].put(copy)
 

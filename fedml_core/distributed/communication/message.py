@@ -1,11 +1,13 @@
 """A message: a small header of plain metadata plus named tensors.
 
-The header (type, sender, receiver, plain JSON-like params) is cheap to pickle; the
+The header (type, sender, receiver, plain params) travels as JSON — cheap, and safe to
+read from a peer, unlike pickle, which would let a peer run code on the receiver; the
 tensors are moved by the transport as raw contiguous buffers. Nothing above the
 transport knows how the bytes travel.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, Mapping, MutableMapping, Optional
 
 import torch
@@ -15,6 +17,22 @@ from .packed_tensors import PackedTensors
 TensorDict = Dict[str, torch.Tensor]
 
 
+def encode_header(header: Mapping[str, Any]) -> bytes:
+    """JSON bytes of a header; raises TypeError naming the value that is not plain data."""
+    try:
+        return json.dumps(header, allow_nan=True, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"message params must be plain JSON data (numbers, strings, lists, dicts): {error}") from None
+
+
+def decode_header(raw: bytes) -> Dict[str, Any]:
+    """Parse a peer's header; raises ValueError if it is not one."""
+    header = json.loads(raw)
+    if not isinstance(header, dict) or not {"type", "sender", "receiver", "params"} <= header.keys():
+        raise ValueError("not a message header")
+    return header
+
+
 class Message:
     """One protocol message between two ranks.
 
@@ -22,7 +40,7 @@ class Message:
         msg_type: protocol-defined message type (see ``message_define.py`` of an algorithm).
         sender_id: rank (process id) of the sender.
         receiver_id: rank (process id) of the receiver.
-        params: plain metadata (ints, floats, strings, lists, dicts); keep it small.
+        params: plain JSON metadata (numbers, strings, lists, dicts with string keys); keep it small.
         tensors: named tensors (e.g. a model ``state_dict``); any dtype, any shape.
     """
 
@@ -69,6 +87,10 @@ class Message:
 
     def get_receiver_id(self) -> int:
         return self.receiver_id
+
+    def header(self) -> Dict[str, Any]:
+        """Type, sender, receiver and params as one JSON-ready dict."""
+        return {"type": self.msg_type, "sender": self.sender_id, "receiver": self.receiver_id, "params": dict(self.params)}
 
     def payload_bytes(self) -> int:
         """Bytes of tensor data this message carries."""

@@ -2,7 +2,7 @@
 
 Wire format of one message from rank ``s`` to rank ``r``:
 
-1. a small pickled header on ``HEADER_TAG``: type, sender, receiver, plain params and
+1. a small JSON header on ``HEADER_TAG``: type, sender, receiver, plain params and
    the tensors' ``(name, dtype, shape)`` list plus how the payload is cut;
 2. the payload as raw bytes on ``DATA_TAG``: either one buffer per tensor (when the
    sender's tensors are separate, e.g. a live ``state_dict``) or one buffer per dtype
@@ -24,14 +24,14 @@ added latency while keeping an idle rank near 0% CPU.
 """
 from __future__ import annotations
 
-import pickle
+import logging
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mpi4py import MPI
 
-from .message import Message
+from .message import Message, decode_header, encode_header
 from .packed_tensors import BufferPool, PackedTensors, byte_view, dtype_from_name, dtype_name
 from .transport import PeerFailure, Transport, TransportTimeout
 
@@ -101,15 +101,8 @@ class MpiTransport(Transport):
             tensors = {k: _cpu_contiguous(t) for k, t in message.tensors.items()}
             entries = [(k, dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()]
             buffers = [byte_view(t) for t in tensors.values()]
-        header = {
-            "type": message.msg_type,
-            "sender": message.sender_id,
-            "receiver": dest,
-            "params": dict(message.params),
-            "tensors": entries,
-            "by_dtype": packed is not None,
-        }
-        header_bytes = torch.frombuffer(bytearray(pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+        header = {**message.header(), "tensors": entries, "by_dtype": packed is not None}
+        header_bytes = torch.frombuffer(bytearray(encode_header(header)), dtype=torch.uint8)
         buffers = [header_bytes] + buffers
         requests = [self.comm.Isend([header_bytes.numpy(), MPI.BYTE], dest, HEADER_TAG)]
         requests += [self.comm.Isend([b.numpy(), MPI.BYTE], dest, DATA_TAG) for b in buffers[1:]]
@@ -154,10 +147,15 @@ class MpiTransport(Transport):
     def _receive_from(self, source: int, header_size: int, timeout: Optional[float]) -> Message:
         raw = bytearray(header_size)
         self.comm.Recv([raw, MPI.BYTE], source, HEADER_TAG)
-        header: Dict[str, Any] = pickle.loads(raw)
-        packed = PackedTensors.empty_like_specs(
-            [(n, dtype_from_name(d), tuple(s)) for n, d, s in header["tensors"]], allocate=self.pool.take
-        )
+        try:
+            header = decode_header(bytes(raw))
+            entries = [(str(n), dtype_from_name(d), tuple(int(x) for x in s)) for n, d, s in header["tensors"]]
+            packed = PackedTensors.empty_like_specs(entries, allocate=self.pool.take)
+        except (ValueError, TypeError, KeyError, RuntimeError) as error:
+            # A peer that breaks the wire protocol cannot be trusted to stay in step.
+            logging.error("rank %d: malformed message from rank %d (%s); treating it as failed", self.rank, source, error)
+            self.failed_ranks.add(source)
+            raise PeerFailure({source}) from None
         if header["by_dtype"]:
             targets: Sequence[torch.Tensor] = list(packed.groups.values())
         else:
