@@ -192,6 +192,15 @@ class NetnsCluster:
         """Pid of ``host``'s sshd, the one process that runs there between jobs."""
         return self._sshds[host.name].pid
 
+    def stop_strays(self, host: NetnsHost) -> None:
+        """Kill every process on ``host`` but its sshd (what a cut-off job leaves there)."""
+        for pid in self.processes_on(host):
+            if pid != self.sshd_pid(host):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     # -- setup steps -----------------------------------------------------------------
 
     def _check_subnet_is_free(self) -> None:

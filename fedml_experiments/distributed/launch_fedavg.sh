@@ -121,10 +121,14 @@ export FEDML_STATUS_FILE="$STATUS_FILE"
 GRACE=${FEDML_EXIT_GRACE:-15}
 
 cd "$EXP_DIR"
+# Job control puts mpirun in a process group of its own, so that stopping it also stops
+# its ssh sessions (one to a cut-off host would otherwise linger).
+set -m
 # shellcheck disable=SC2086  # MPI_FLAGS and MPIRUN_ARGS are word lists
 "$MPIRUN" $MPI_FLAGS -x FEDML_STATUS_FILE ${MPIRUN_ARGS:-} "$PYTHON" ./main_fedavg.py "$@" &
 MPIRUN_PID=$!
-trap 'kill -TERM "$MPIRUN_PID" 2>/dev/null' INT TERM HUP
+set +m
+trap 'kill -TERM -- "-$MPIRUN_PID" 2>/dev/null' INT TERM HUP
 
 WAITED=0  # tenths of a second since the server reported
 STOPPED=no
@@ -133,16 +137,20 @@ while kill -0 "$MPIRUN_PID" 2>/dev/null; do
         WAITED=$((WAITED + 1))
         if [ "$STOPPED" = no ] && [ "$WAITED" -ge $((GRACE * 10)) ]; then
             echo "launcher: the server finished ${GRACE} s ago but some ranks have not exited (frozen or hung clients); stopping them" >&2
-            kill -TERM "$MPIRUN_PID" 2>/dev/null || true
+            kill -TERM -- "-$MPIRUN_PID" 2>/dev/null || true
             STOPPED=yes
-        elif [ "$STOPPED" = yes ] && [ "$WAITED" -ge $((GRACE * 10 + 100)) ]; then
-            kill -KILL "$MPIRUN_PID" 2>/dev/null || true
+        elif [ "$STOPPED" = yes ] && [ "$WAITED" -ge $((GRACE * 10 + 30)) ]; then
+            # mpirun cannot reach some host to stop its processes: kill it, its process
+            # group and its children (its ssh sessions run in process groups of their own).
+            pkill -KILL -P "$MPIRUN_PID" 2>/dev/null || true
+            kill -KILL -- "-$MPIRUN_PID" 2>/dev/null || true
         fi
     fi
     sleep 0.1
 done
 MPI_STATUS=0
 wait "$MPIRUN_PID" || MPI_STATUS=$?
+[ "$STOPPED" = no ] || kill -KILL -- "-$MPIRUN_PID" 2>/dev/null || true  # whatever ignored TERM
 if [ -f "$STATUS_FILE" ]; then
     SERVER_STATUS=$(cat "$STATUS_FILE")
     rm -f "$STATUS_FILE"

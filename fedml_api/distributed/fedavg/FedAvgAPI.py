@@ -105,9 +105,15 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
         if recorder is not None:
             recorder.close()
         report_server_exit(status)
+        transport.close(status)
 
 
 def init_client(args: Namespace, device: torch.device, transport: Transport, process_id: int, model_trainer: ModelTrainer, train_path: str, test_path: str) -> None:
     """Build this client's trainer and manager, then serve the server until it finishes."""
-    trainer = FedAVGTrainer(process_id, train_path, test_path, device, args, model_trainer)
-    FedAVGClientManager(args, trainer, transport).run()
+    status = 1
+    try:
+        trainer = FedAVGTrainer(process_id, train_path, test_path, device, args, model_trainer)
+        FedAVGClientManager(args, trainer, transport).run()
+        status = 0
+    finally:
+        transport.close(status)

@@ -56,6 +56,8 @@ class FedAVGClientManager(ClientManager):
         self.finish()
 
     def on_peer_failure(self, ranks) -> None:
+        for rank in ranks:
+            self.transport.abandon(rank)
         if 0 in ranks:
             raise RuntimeError(f"client {self.rank}: the server (process 0) died; stopping")
         # Another client died: nothing to do with us.

@@ -251,6 +251,7 @@ class FedAVGServerManager(ServerManager):
             return
         logging.error("server: round %d: client %d failed: %s", self.round_idx, client_id, reason)
         self.failed[client_id] = reason
+        self.transport.abandon(client_id)
         self._record.setdefault("failures", {})[str(client_id)] = reason
         self._waiting.discard(client_id)
 

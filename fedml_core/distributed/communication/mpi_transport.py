@@ -24,7 +24,10 @@ added latency while keeping an idle rank near 0% CPU.
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -61,6 +64,18 @@ class MpiTransport(Transport):
         self.failed_ranks: set = set()
         # Sends given up on (peer frozen) keep their buffers alive until MPI completes them.
         self._abandoned: List[Tuple[List[MPI.Request], List[torch.Tensor]]] = []
+
+    # -- ending --------------------------------------------------------------------
+    def abandon(self, rank: int) -> None:
+        self.failed_ranks.add(rank)
+
+    def close(self, exit_status: int = 0) -> None:
+        """Finish with the job. MPI_Finalize waits for every process of the job, so after a
+        peer died or was given up on it can wait forever: then the process exits with
+        ``exit_status`` at interpreter shutdown without finalizing MPI (after the other
+        exit handlers, e.g. wandb's, have run)."""
+        if self.failed_ranks:
+            atexit.register(_exit_without_mpi_finalize, exit_status)
 
     # -- sending -----------------------------------------------------------------
     def send(self, message: Message, timeout: Optional[float] = None) -> None:
@@ -194,6 +209,14 @@ class MpiTransport(Transport):
 
 # ERR_IN_STATUS: a multi-request call failed in one request (e.g. its peer died).
 _FAILURE_CLASSES = (MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKED, MPI.ERR_IN_STATUS)
+
+
+def _exit_without_mpi_finalize(exit_status: int) -> None:
+    # Registered after mpi4py's own exit handler, so it runs first (atexit is LIFO).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_status)
 
 
 def _finished(requests: List[MPI.Request]) -> bool:

@@ -65,5 +65,8 @@ class Transport(ABC):
         communication layer learns that peers died (then call ``receive`` again).
         """
 
-    def close(self) -> None:
-        """Release resources; the transport is unusable afterwards."""
+    def abandon(self, rank: int) -> None:
+        """Note that ``rank`` was given up on (dead, frozen, unreachable)."""
+
+    def close(self, exit_status: int = 0) -> None:
+        """This process is done with the job and will exit with ``exit_status``."""
