@@ -10,13 +10,10 @@ Every process runs this file: process 0 is the server, processes 1..CLIENT_NUM t
 clients, each reading <data_path>/<process_id>/train and .../test.
 """
 import argparse
-import logging
 import os
-import socket
 import sys
 from typing import Any, Dict
 
-import setproctitle
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,10 +21,7 @@ from torch import nn
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "../../..")))
 
 from fedml_api.data.client_data import count_client_samples, load_client_split  # noqa: E402
-from fedml_api.distributed.fedavg.args import add_federation_args, check_federation_args, default_run_dir  # noqa: E402
-from fedml_api.distributed.fedavg.FedAvgAPI import FedML_FedAvg_distributed, FedML_init  # noqa: E402
-from fedml_api.utils.process_setup import init_training_device, seed_everything  # noqa: E402
-from fedml_api.utils.wandb_setup import init_wandb  # noqa: E402
+from fedml_api.distributed.fedavg.experiment import run_fedavg_experiment  # noqa: E402
 from fedml_core.trainer.model_trainer import ModelTrainer  # noqa: E402
 from fedml_core.trainer.result_aggregator import WeightedMeanResultAggregator  # noqa: E402
 
@@ -89,42 +83,17 @@ class MyModelTrainer(ModelTrainer):
 MyResultAggregator = WeightedMeanResultAggregator
 
 
-def add_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    add_federation_args(parser)
-    # TODO(args): your model's training and testing arguments.
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    # TODO(args): your model's training and testing arguments (the federation's come first).
     group = parser.add_argument_group("model")
     group.add_argument("--in_channels", type=int, default=1)
     group.add_argument("--num_classes", type=int, default=10)
     group.add_argument("--epochs", type=int, default=1)
     group.add_argument("--batch_size", type=int, default=32)
     group.add_argument("--lr", type=float, default=0.05)
-    args = parser.parse_args()
-    check_federation_args(args)
-    return args
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    comm, process_id, worker_number = FedML_init()
-    args = add_args(argparse.ArgumentParser(description="Federated MyModel (FedAvg over MPI)"))
-    setproctitle.setproctitle("FedAvg (distributed):" + str(process_id))
-    logging.info("process %d of %d on host %s", process_id, worker_number, socket.gethostname())
-
-    wandb_run = None
-    if process_id == 0:
-        args.run_dir = args.run_dir or default_run_dir("fedMyModel")
-        os.makedirs(args.run_dir, exist_ok=True)
-        wandb_run = init_wandb(args, project="fedml", name="FedAvg-MyModel")  # TODO(wandb): your project name
-
-    seed_everything(args.seed)
-    device = init_training_device(process_id, comm)
-    train_path = os.path.join(args.data_path, str(process_id), "train")
-    test_path = os.path.join(args.data_path, str(process_id), "test")
-
-    model = create_model(args)
-    model_trainer = MyModelTrainer(model, args)
-    result_aggregator = MyResultAggregator()
-    FedML_FedAvg_distributed(process_id, worker_number, device, comm, model, args,
-                             train_path, test_path, result_aggregator, model_trainer)
-    if wandb_run is not None:
-        wandb_run.finish()
+    # Every process runs the seed's steps (fedml_api/distributed/fedavg/experiment.py):
+    # arguments, process title, seeds, device, data paths, then FedAvg with your pieces.
+    run_fedavg_experiment("fedMyModel", add_model_args, create_model, MyModelTrainer, MyResultAggregator)  # TODO(name)

@@ -1,0 +1,87 @@
+"""The body of every experiment's main_fedavg.py: the seed's walk-through, in order.
+
+An experiment names its model's pieces and calls :func:`run_fedavg_experiment`; every
+process (server and clients) runs the same steps:
+
+1. logging at INFO;
+2. ``comm, process_id, worker_number = FedML_init()``;
+3. arguments: the federation's (``add_federation_args``) then the model's, checked;
+4. ``setproctitle("FedAvg (distributed):<process_id>")`` and the host name logged;
+5. on process 0: the run directory and wandb (``--wandb_mode``; never prompts);
+6. ``random``, ``numpy``, ``torch`` and CUDA seeded with ``--seed``;
+7. ``device = init_training_device(process_id, comm)``;
+8. ``train_path`` / ``test_path`` = ``<data_path>/<process_id>/train`` and ``/test``;
+9. ``model = create_model(args)``, the ModelTrainer around it, the ResultAggregator;
+10. ``FedML_FedAvg_distributed(...)``: the server on process 0, a client elsewhere.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+from typing import Callable
+
+import setproctitle
+import torch
+
+from fedml_api.utils.process_setup import init_training_device, seed_everything
+from fedml_api.utils.wandb_setup import init_wandb
+from fedml_core.trainer.model_trainer import ModelTrainer
+from fedml_core.trainer.result_aggregator import ResultAggregator
+
+from .args import add_federation_args, check_federation_args, default_run_dir
+from .FedAvgAPI import FedML_FedAvg_distributed, FedML_init
+
+
+def run_fedavg_experiment(
+    name: str,
+    add_model_args: Callable[[argparse.ArgumentParser], object],
+    create_model: Callable[[argparse.Namespace], torch.nn.Module],
+    make_trainer: Callable[[torch.nn.Module, argparse.Namespace], ModelTrainer],
+    make_result_aggregator: Callable[[], ResultAggregator],
+) -> None:
+    """Run this process's part of a FedAvg experiment (see the module docstring).
+
+    Args:
+        name: the experiment's name (run directory prefix, wandb run name), e.g. ``"fedResNet18"``.
+        add_model_args: adds the model's training and testing arguments to a parser.
+        create_model: builds the model from the parsed arguments (same on every process).
+        make_trainer: ``(model, args) -> ModelTrainer``, e.g. the ModelTrainer subclass itself.
+        make_result_aggregator: ``() -> ResultAggregator``, e.g. its class.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    comm, process_id, worker_number = FedML_init()
+
+    parser = argparse.ArgumentParser(description=f"{name}: FedAvg over MPI")
+    add_federation_args(parser)
+    add_model_args(parser)
+    args = parser.parse_args()
+    check_federation_args(args)
+    if process_id == 0:
+        logging.info(args)
+
+    setproctitle.setproctitle("FedAvg (distributed):" + str(process_id))
+    logging.info("process %d of %d on host %s (pid %d)", process_id, worker_number, socket.gethostname(), os.getpid())
+
+    wandb_run = None
+    if process_id == 0:
+        args.run_dir = args.run_dir or default_run_dir(name)
+        os.makedirs(args.run_dir, exist_ok=True)
+        wandb_run = init_wandb(args, project="fedml", name=f"FedAvg-{name}-r{args.comm_round}-c{args.client_num_in_total}")
+
+    seed_everything(args.seed)
+    device = init_training_device(process_id, comm)
+
+    train_path = os.path.join(args.data_path, str(process_id), "train")
+    test_path = os.path.join(args.data_path, str(process_id), "test")
+
+    model = create_model(args)
+    model_trainer = make_trainer(model, args)
+    result_aggregator = make_result_aggregator()
+
+    FedML_FedAvg_distributed(process_id, worker_number, device, comm, model, args,
+                             train_path, test_path, result_aggregator, model_trainer)
+    if wandb_run is not None:
+        wandb_run.finish()
