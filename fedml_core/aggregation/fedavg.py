@@ -9,15 +9,19 @@ Speed: the states arrive packed (one flat buffer per dtype), and the mean is com
 in cache-sized blocks: for each block, every buffered update is added into an
 accumulator block that stays in L2 cache. Memory traffic is thus close to the minimum
 of reading each update once and writing the result once, instead of re-reading and
-re-writing a model-sized accumulator per update.
+re-writing a model-sized accumulator per update. The accumulator, which becomes the
+result, is recycled from a round whose result nobody references any more: a fresh
+model-sized buffer would page-fault on first touch, which costs more than the
+arithmetic (see docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..distributed.communication.packed_tensors import PackedTensors
+from ..distributed.communication.packed_tensors import BufferPool, PackedTensors
 from .strategy import AggregationStrategy, ClientUpdate
 from .validation import layout_mismatch
 
@@ -50,6 +54,8 @@ class WeightedMeanAccumulator:
         self._sums: Optional[Dict[torch.dtype, torch.Tensor]] = None
         self._template: Optional[PackedTensors] = None
         self._total_weight = 0.0
+        # Steady state: the previous result (still the global model) and the one being built.
+        self._pool = BufferPool(max_buffers=4)
 
     def add(self, params: PackedTensors, weight: float, order_key: int = 0) -> None:
         """Add one state with a positive ``weight``; its layout must match the first's.
@@ -90,26 +96,53 @@ class WeightedMeanAccumulator:
         """Add the pending updates into the sums; multiply the sums by ``scale`` if given."""
         first_fold = self._sums is None
         if first_fold:
-            self._sums = {
-                dtype: torch.empty(group.numel(), dtype=_accumulator_dtype(dtype))
-                for dtype, group in self._template.groups.items()
-            }
+            self._sums = {}
+            for dtype, group in self._template.groups.items():
+                accumulator = _accumulator_dtype(dtype)
+                self._sums[dtype] = self._pool.take(group.numel() * accumulator.itemsize).view(accumulator)
+        shards = []
+        workers = torch.get_num_threads()
         for dtype, total in self._sums.items():
             sources = [(p.groups[dtype], w) for _, p, w in sorted(self._pending, key=lambda entry: entry[0])]
             if total.dtype != dtype:  # small non-float32/64 groups: convert once
                 sources = [(s.to(total.dtype), w) for s, w in sources]
-            for start in range(0, total.numel(), BLOCK_ELEMENTS):
-                length = min(BLOCK_ELEMENTS, total.numel() - start)
-                block = total.narrow(0, start, length)
-                rest = sources
-                if first_fold:
-                    torch.mul(sources[0][0].narrow(0, start, length), sources[0][1], out=block)
-                    rest = sources[1:]
-                for source, weight in rest:
-                    block.add_(source.narrow(0, start, length), alpha=weight)
-                if scale is not None:
-                    block.mul_(scale)
+            blocks = -(-total.numel() // BLOCK_ELEMENTS)
+            per_worker = -(-blocks // workers)
+            for first_block in range(0, blocks, per_worker):
+                start = first_block * BLOCK_ELEMENTS
+                end = min(total.numel(), (first_block + per_worker) * BLOCK_ELEMENTS)
+                shards.append((total, sources, start, end))
+        # Each thread folds a contiguous shard with single-threaded ops. (Hundreds of small
+        # ops each split over all threads stall whenever one core is busy elsewhere: the
+        # server shares its host with clients.)
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if workers == 1 or len(shards) == 1:
+                for shard in shards:
+                    _fold_range(*shard, first_fold, scale)
+            else:
+                with ThreadPoolExecutor(workers) as pool:
+                    list(pool.map(lambda shard: _fold_range(*shard, first_fold, scale), shards))
+        finally:
+            torch.set_num_threads(previous_threads)
         self._pending = []
+
+
+def _fold_range(total: torch.Tensor, sources: List[Tuple[torch.Tensor, float]], start: int, end: int,
+                first_fold: bool, scale: Optional[float]) -> None:
+    """Fold ``sources`` into ``total[start:end]`` one cache-sized block at a time."""
+    for block_start in range(start, end, BLOCK_ELEMENTS):
+        length = min(BLOCK_ELEMENTS, end - block_start)
+        block = total.narrow(0, block_start, length)
+        rest = sources
+        if first_fold:
+            torch.mul(sources[0][0].narrow(0, block_start, length), sources[0][1], out=block)
+            rest = sources[1:]
+        for source, weight in rest:
+            block.add_(source.narrow(0, block_start, length), alpha=weight)
+        if scale is not None:
+            block.mul_(scale)
 
 
 class FedAvg(AggregationStrategy):
