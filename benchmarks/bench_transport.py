@@ -12,8 +12,13 @@ round trip (0 -> 1 -> 0) of the 44.7 MB state of ``ResNet18(width=64)``:
   spin-then-back-off polling is part of what is measured.
 - ``framework, state_dict``: the realistic reply: the client sends a fresh
   ``model.state_dict()`` (122 separate tensors) instead.
-- ``raw Send/Recv``: mpi4py ``Send``/``Recv`` of one preallocated float32 buffer of the
-  same byte size: the reference the framework is held to.
+- ``raw Send/Recv``: mpi4py ``Send``/``Recv`` of one preallocated numpy float32 buffer
+  of the same byte size: the reference the framework is held to. numpy backs an array
+  this large with transparent huge pages; ``raw Send/Recv, torch-allocated`` repeats it
+  with a buffer from torch's allocator (4 KiB pages, like every tensor of the
+  framework unless ``THP_MEM_ALLOC_ENABLE=1``), which shows how much of any gap is
+  the memory's page size rather than the framework (on this VM, Open MPI's
+  single-copy transfer, CMA, is about twice as slow out of 4 KiB pages).
 - ``pickled comm.send``: mpi4py's pickling ``send``/``recv`` of the state_dict.
 - ``FedML lists``: FedML's ``is_mobile`` path: ``{k: v.tolist()}`` pickled through
   ``comm.send``, turned back into tensors (``torch.from_numpy(np.asarray(v)).float()``)
@@ -47,6 +52,7 @@ CHILD_ENV = "FEDML_BENCH_MPI_CHILD"
 NUM_RANKS = 2
 RAW_TAG = 99
 PING, PONG, ROUND_TRIP = 1, 2, 3  # message types
+RAW = "raw Send/Recv (flat float32)"  # the reference
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
@@ -54,11 +60,13 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 def relaunch_under_mpirun(num_ranks: int) -> int:
     """Run this script on ``num_ranks`` local ranks; returns mpirun's exit status."""
     mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
-    command = [mpirun, "-np", str(num_ranks), "--oversubscribe", "--bind-to", "none"]
+    # The flags and environment launch_fedavg.sh gives a real run.
+    command = [mpirun, "-np", str(num_ranks), "--oversubscribe", "--bind-to", "none", "--with-ft", "ulfm",
+               "-x", "THP_MEM_ALLOC_ENABLE"]
     if os.geteuid() == 0:
         command.append("--allow-run-as-root")
     command += ["-x", CHILD_ENV, sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
-    return subprocess.call(command, env={**os.environ, CHILD_ENV: "1"})
+    return subprocess.call(command, env={**os.environ, CHILD_ENV: "1", "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")})
 
 
 def parse_args() -> argparse.Namespace:
@@ -101,7 +109,10 @@ def run_benchmark(args: argparse.Namespace) -> None:
     state = model.state_dict()
     global_model = PackedTensors.from_tensors(state)
     nbytes = global_model.nbytes()
-    flat = np.ones(-(-nbytes // 4), dtype=np.float32)  # preallocated and touched
+    # Preallocated and touched. numpy asks the kernel for transparent huge pages for an
+    # array this big; torch (unless THP_MEM_ALLOC_ENABLE=1) does not, as for the models.
+    flat = np.ones(-(-nbytes // 4), dtype=np.float32)
+    flat_torch = torch.ones(flat.size).numpy()
     peer = 1 - rank
 
     # -- the cases -----------------------------------------------------------------
@@ -122,13 +133,19 @@ def run_benchmark(args: argparse.Namespace) -> None:
         transport.receive()
         transport.send(Message(ROUND_TRIP, 1, 0, tensors=model.state_dict()))
 
-    def raw_round_trip() -> None:
+    def raw_round_trip(buffer: np.ndarray) -> None:
         if rank == 0:
-            comm.Send([flat, MPI.FLOAT], peer, RAW_TAG)
-            comm.Recv([flat, MPI.FLOAT], peer, RAW_TAG)
+            comm.Send([buffer, MPI.FLOAT], peer, RAW_TAG)
+            comm.Recv([buffer, MPI.FLOAT], peer, RAW_TAG)
         else:
-            comm.Recv([flat, MPI.FLOAT], peer, RAW_TAG)
-            comm.Send([flat, MPI.FLOAT], peer, RAW_TAG)
+            comm.Recv([buffer, MPI.FLOAT], peer, RAW_TAG)
+            comm.Send([buffer, MPI.FLOAT], peer, RAW_TAG)
+
+    def raw_numpy() -> None:
+        raw_round_trip(flat)
+
+    def raw_torch() -> None:
+        raw_round_trip(flat_torch)
 
     def pickled_round_trip() -> None:
         if rank == 0:
@@ -154,7 +171,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
     cases = [
         Case("framework, echo", framework_server, framework_echo_client, args.reps, args.warmup),
         Case("framework, state_dict reply", framework_server, framework_state_dict_client, args.reps, args.warmup),
-        Case("raw Send/Recv (flat float32)", raw_round_trip, raw_round_trip, args.reps, args.warmup),
+        Case(RAW, raw_numpy, raw_numpy, args.reps, args.warmup),
+        Case("raw Send/Recv, torch-allocated", raw_torch, raw_torch, args.reps, args.warmup),
         Case("pickled comm.send (state_dict)", pickled_round_trip, pickled_round_trip, args.reps, args.warmup),
         # Seconds per round trip, dominated by tolist() and pickling: nothing to warm up.
         Case("FedML lists (tolist + comm.send)", lists_round_trip, lists_round_trip, args.list_reps, 0),
@@ -277,7 +295,7 @@ def ms(seconds: float) -> str:
 def report(cases, times, pingpong_cases, pingpong, late, idle, nbytes: int, num_tensors: int, args) -> None:
     from mpi4py import MPI
 
-    raw = statistics.median(times["raw Send/Recv (flat float32)"])
+    raw = statistics.median(times[RAW])
     print(f"MpiTransport round trip 0 -> 1 -> 0 of ResNet18(width=64): {num_tensors} tensors, {nbytes:,} bytes "
           f"({nbytes / 1e6:.1f} MB); {MPI.Get_library_version().splitlines()[0]}")
     print(f"{'case':36s} {'reps':>5s} {'median ms':>10s} {'min ms':>10s} {'x raw':>8s}")

@@ -44,7 +44,7 @@ class Message:
         tensors: named tensors (e.g. a model ``state_dict``); any dtype, any shape.
     """
 
-    __slots__ = ("msg_type", "sender_id", "receiver_id", "params", "tensors", "packed")
+    __slots__ = ("msg_type", "sender_id", "receiver_id", "params", "_tensors", "packed")
 
     def __init__(
         self,
@@ -58,15 +58,28 @@ class Message:
         self.sender_id = int(sender_id)
         self.receiver_id = int(receiver_id)
         self.params: MutableMapping[str, Any] = dict(params or {})
-        self.tensors: TensorDict = dict(tensors or {})
+        self._tensors: Optional[TensorDict] = dict(tensors or {})
         # When set, ``tensors`` are views into these flat per-dtype buffers (see set_packed).
         self.packed: Optional[PackedTensors] = None
+
+    @property
+    def tensors(self) -> TensorDict:
+        """Name -> tensor. For a packed message, views made on first access (a model has
+        hundreds; a message that is only forwarded or aggregated never needs them)."""
+        if self._tensors is None:
+            self._tensors = self.packed.tensors()
+        return self._tensors
+
+    @tensors.setter
+    def tensors(self, tensors: TensorDict) -> None:
+        self._tensors = dict(tensors)
+        self.packed = None
 
     def set_packed(self, packed: PackedTensors) -> None:
         """Carry ``packed``'s tensors. The transport then moves one buffer per dtype, and a
         receiver gets them packed the same way whatever the sender used."""
         self.packed = packed
-        self.tensors = packed.tensors()
+        self._tensors = None
 
     def add_params(self, key: str, value: Any) -> None:
         """Attach one piece of plain metadata (FedML's name for it)."""
@@ -94,10 +107,12 @@ class Message:
 
     def payload_bytes(self) -> int:
         """Bytes of tensor data this message carries."""
+        if self.packed is not None:
+            return self.packed.nbytes()
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def __repr__(self) -> str:
         return (
             f"Message(type={self.msg_type}, {self.sender_id}->{self.receiver_id}, "
-            f"params={sorted(self.params)}, tensors={len(self.tensors)}, bytes={self.payload_bytes()})"
+            f"params={sorted(self.params)}, bytes={self.payload_bytes()})"
         )
