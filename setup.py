@@ -18,6 +18,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(include=["fedml_core*", "fedml_api*", "fedml_experiments*"]),
+    package_data={"fedml_api.model.YOLOv3": ["cfg/*.cfg"]},
     install_requires=requirements,
     extras_require={"test": ["pytest>=7.4"]},
 )

@@ -36,6 +36,12 @@ from fedml_api.data.client_data import write_client_split  # noqa: E402
 from fedml_api.data.datasets import get_image_dataset_spec  # noqa: E402
 from fedml_api.data.digits import load_digits_dataset  # noqa: E402
 from fedml_api.data.partition import partition_dirichlet, partition_iid  # noqa: E402
+from fedml_api.data.yolo_split import (  # noqa: E402
+    find_subsets,
+    format_yolo_split_table,
+    open_yolo_source,
+    split_yolo_dataset,
+)
 
 PARTITIONS = ("iid", "dirichlet")
 DOWNLOAD_DIR = "_download"
@@ -145,6 +151,32 @@ def split_digits(args: argparse.Namespace) -> None:
     _split_and_report("digits", load_digits_dataset(args.seed, args.test_fraction), args)
 
 
+def split_yolo(args: argparse.Namespace) -> None:
+    """A YOLO-format detection dataset (e.g. coco128) from ``--source``, a folder or a
+    ``.tar.gz``; writes ``<out>/<id>/{train,test}/{images,labels}/`` per client."""
+    if args.source is None:
+        raise ValueError(
+            "--dataset yolo needs --source: a YOLO dataset folder (images/, labels/ and its "
+            ".yaml) or a .tar.gz of one, e.g. coco128.tar.gz"
+        )
+    with open_yolo_source(args.source) as root:
+        train_dir, test_dir = find_subsets(root, args.yolo_train, args.yolo_test)
+        print(f"splitting train images {train_dir} and test images {test_dir}")
+        _remove_client_dirs(args.out)
+        counts = split_yolo_dataset(
+            train_dir,
+            test_dir,
+            out=args.out,
+            num_clients=args.clients,
+            partition=args.partition,
+            alpha=args.alpha,
+            seed=args.seed,
+            min_client_samples=args.min_client_samples,
+        )
+    print(format_yolo_split_table(counts))
+    print(f"wrote {len(counts)} clients to {args.out}")
+
+
 def _split_and_report(
     dataset_name: str, arrays: Sequence[np.ndarray], args: argparse.Namespace
 ) -> None:
@@ -167,6 +199,7 @@ def _split_and_report(
 SPLITTERS: Dict[str, Callable[[argparse.Namespace], None]] = {
     "cifar10": split_cifar10,
     "digits": split_digits,
+    "yolo": split_yolo,
 }
 
 
@@ -181,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="cifar10: cifar-10-python.tar.gz, its extracted folder, or a train/<class>/, "
         "test/<class>/ image folder (.tar.gz or directory); if omitted, download it. "
-        "Not used for digits.",
+        "Not used for digits. yolo: a YOLO-format dataset folder or .tar.gz (required).",
     )
     parser.add_argument("--out", type=Path, required=True, help="the experiment's --data_path")
     parser.add_argument("--clients", type=int, default=10, help="number of clients N (ids 1..N)")
@@ -203,6 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--test_fraction", type=float, default=0.2, help="digits: share of images held out for test"
+    )
+    parser.add_argument(
+        "--yolo_train",
+        default=None,
+        help="yolo: training image folder relative to the dataset root "
+        "(default: 'train' of the dataset's .yaml)",
+    )
+    parser.add_argument(
+        "--yolo_test",
+        default=None,
+        help="yolo: test image folder relative to the dataset root "
+        "(default: 'val' of the dataset's .yaml)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of every random choice of the split"

@@ -109,7 +109,8 @@ def format_round(record: Mapping[str, Any], num_rounds: Optional[int] = None) ->
     if "failures" in record:
         parts.append(f"FAILED {sorted(int(c) for c in record['failures'])}")
     if "test" in record:
-        parts.append(" ".join(f"{k}={_fmt(v)}" for k, v in record["test"].items()))
+        # Scalars only: per-class tables stay in metrics.jsonl.
+        parts.append(" ".join(f"{k}={_fmt(v)}" for k, v in record["test"].items() if not isinstance(v, (dict, list))))
     times = [(k.removesuffix("_seconds"), record[k]) for k in ("train_seconds", "communication_seconds", "aggregation_seconds", "test_seconds") if k in record]
     parts.append(" ".join(f"{name} {value:.3f}s" for name, value in times))
     return " | ".join(parts)
