@@ -46,27 +46,15 @@ import statistics
 import subprocess
 import sys
 import time
+from mpi_relaunch import is_mpi_child, relaunch_under_mpirun
 from typing import Callable, Dict, List, NamedTuple, Sequence
 
-CHILD_ENV = "FEDML_BENCH_MPI_CHILD"
 NUM_RANKS = 2
 RAW_TAG = 99
 PING, PONG, ROUND_TRIP = 1, 2, 3  # message types
 RAW = "raw Send/Recv (flat float32)"  # the reference
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-
-
-def relaunch_under_mpirun(num_ranks: int) -> int:
-    """Run this script on ``num_ranks`` local ranks; returns mpirun's exit status."""
-    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
-    # The flags and environment launch_fedavg.sh gives a real run.
-    command = [mpirun, "-np", str(num_ranks), "--oversubscribe", "--bind-to", "none", "--with-ft", "ulfm",
-               "-x", "THP_MEM_ALLOC_ENABLE"]
-    if os.geteuid() == 0:
-        command.append("--allow-run-as-root")
-    command += ["-x", CHILD_ENV, sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
-    return subprocess.call(command, env={**os.environ, CHILD_ENV: "1", "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")})
 
 
 def parse_args() -> argparse.Namespace:
@@ -324,6 +312,6 @@ def report(cases, times, pingpong_cases, pingpong, late, idle, nbytes: int, num_
 
 if __name__ == "__main__":
     options = parse_args()
-    if os.environ.get(CHILD_ENV) != "1":
-        sys.exit(relaunch_under_mpirun(NUM_RANKS))
+    if not is_mpi_child():
+        sys.exit(relaunch_under_mpirun(NUM_RANKS, __file__))
     run_benchmark(options)
