@@ -57,6 +57,44 @@ def test_non_positive_sample_number_is_rejected():
         FedAvg().add(ClientUpdate(3, PackedTensors.from_tensors({"w": torch.zeros(3)}), 0))
 
 
+def _poisoned(seed: int, value: float, index: int = 123_456) -> dict:
+    state = _state(seed)
+    state["weight"][index] = value
+    return state
+
+
+@pytest.mark.parametrize("max_buffered", [None, 1, 2])
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
+def test_an_update_holding_nan_or_inf_is_left_out_and_named(max_buffered, bad_value):
+    good = [_state(1), _state(3)]
+    strategy = FedAvg(max_buffered)
+    for cid, (state, n) in enumerate(zip([good[0], _poisoned(2, bad_value), good[1]], [10, 30, 60]), start=1):
+        strategy.add(ClientUpdate(cid, PackedTensors.from_tensors(state), n))
+    mean = strategy.aggregate(None).tensors()
+    assert strategy.rejected_updates() == {2: "tensor 'weight' holds NaN or Inf values"}
+    # exactly the mean of the other two, as if client 2 had never sent anything
+    expected = _fedavg(good, [10, 60], max_buffered)
+    assert all(torch.equal(mean[k], expected[k]) for k in expected)
+
+
+def test_every_update_rejected_means_no_aggregate():
+    strategy = FedAvg()
+    strategy.add(ClientUpdate(1, PackedTensors.from_tensors(_poisoned(1, float("nan"))), 5))
+    with pytest.raises(ValueError, match=r"no valid update to average; rejected: \{1: \"tensor 'weight' holds NaN"):
+        strategy.aggregate(None)
+
+
+def test_huge_but_finite_updates_are_accepted():
+    states = [{"w": torch.full((10,), 3e38)}, {"w": torch.full((10,), 3e38)}]
+    strategy = FedAvg()
+    for cid, state in enumerate(states, start=1):
+        strategy.add(ClientUpdate(cid, PackedTensors.from_tensors(state), 1))
+    # Their weighted sum overflows float32: that is reported, not blamed on a client.
+    with pytest.raises(ValueError, match="overflowed"):
+        strategy.aggregate(None)
+    assert strategy.rejected_updates() == {}
+
+
 def test_result_aggregator_weights_metrics_by_sample_number():
     combined = WeightedMeanResultAggregator().aggregate_result({
         0: {"result": {"accuracy": 1.0, "loss": 0.0}, "sample_number": 1},

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from fedml_api.distributed.fedavg.checkpoint import load_checkpoint
+from fedml_api.distributed.fedavg.checkpoint import load_checkpoint, save_checkpoint
 from test_fedavg_protocol import run_federation
 from tiny_federation import TinyTrainer
 
@@ -102,9 +102,9 @@ def test_every_round_is_checkpointed_and_a_resumed_run_ends_bit_exactly_like_an_
 
 def test_resuming_from_another_models_checkpoint_is_refused_and_nothing_runs(tmp_path):
     _, first_dir, errors = run_federation(tmp_path / "first", clients=2, per_round=2, rounds=1)
-    ckpt = torch.load(first_dir / "checkpoint.pt", weights_only=False)
-    ckpt["global_model"]["0.weight"] = torch.zeros(8, 5)
-    torch.save(ckpt, first_dir / "checkpoint.pt")
+    checkpoint = load_checkpoint(str(first_dir))
+    checkpoint.global_model["0.weight"] = torch.zeros(8, 5)
+    save_checkpoint(str(first_dir), checkpoint)
     _, run_dir, errors = run_federation(tmp_path / "second", clients=2, per_round=2, rounds=2,
                                         extra=["--resume", str(first_dir)])
     assert list(errors) == [0]

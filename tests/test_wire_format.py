@@ -6,7 +6,7 @@ import torch
 
 from fedml_core.distributed.communication.inprocess_transport import InProcessHub
 from fedml_core.distributed.communication.message import Message
-from fedml_core.distributed.communication.packed_tensors import BufferPool, PackedTensors, plan_layout
+from fedml_core.distributed.communication.packed_tensors import BufferPool, PackedTensors, pack_module, plan_layout
 
 PROGRAMS = Path(__file__).parent / "programs"
 
@@ -55,6 +55,58 @@ def test_buffer_pool_reuses_a_buffer_only_once_nothing_views_it():
     assert pool.take(1024).data_ptr() == first.data_ptr()
 
 
+def _small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+
+
+def test_a_packed_module_keeps_its_values_and_trains_in_its_packed_memory():
+    model = _small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # made before packing
+    packed = pack_module(model)
+    assert_bit_exact(model.state_dict(), before)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    # the step changed the packed buffers themselves, BatchNorm statistics included
+    assert_bit_exact(packed.tensors(), model.state_dict())
+    assert not torch.equal(packed.tensors()["3.weight"], before["3.weight"])
+    assert not torch.equal(packed.tensors()["1.running_mean"], before["1.running_mean"])
+
+
+def test_a_packed_modules_state_dict_is_recognised_as_its_packed_buffers():
+    model = _small_model()
+    packed = pack_module(model)
+    found = PackedTensors.from_views(model.state_dict())
+    assert found is not None and found.layout_key() == packed.layout_key()
+    assert {d: g.data_ptr() for d, g in found.groups.items()} == {d: g.data_ptr() for d, g in packed.groups.items()}
+    # separate tensors, or views out of order, are not one packed buffer
+    assert PackedTensors.from_views(_small_model().state_dict()) is None
+    assert PackedTensors.from_views(dict(reversed(list(model.state_dict().items())))) is None
+
+
+def test_modules_with_tied_weights_are_left_unpacked():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    model[1].weight = model[0].weight
+    assert pack_module(model) is None
+    assert model[1].weight is model[0].weight
+
+
+def test_inprocess_transport_receives_into_the_target_of_a_matching_layout():
+    hub = InProcessHub(2)
+    server, client = hub.transport(0), hub.transport(1)
+    model = _small_model()
+    target = pack_module(model)
+    client.receive_into(target)
+    sent = {k: torch.full_like(v, 3) for k, v in model.state_dict().items()}
+    server.send(Message(1, 0, 1, tensors=sent))
+    server.send(Message(2, 0, 1, tensors={"other": torch.ones(2)}))
+    arrived = client.receive(timeout=5)
+    assert arrived.packed is target
+    assert_bit_exact(model.state_dict(), sent)  # the model holds it without a load
+    assert client.receive(timeout=5).packed is not target  # another layout: fresh memory
+
+
 def test_inprocess_transport_copies_every_dtype_bit_exactly_and_keeps_order():
     hub = InProcessHub(2)
     server, client = hub.transport(0), hub.transport(1)
@@ -90,3 +142,6 @@ def test_mpi_transport_moves_a_mixed_dtype_state_bit_exactly(run_mpi, tmp_path):
     assert echo["params"] == {"note": "hello"}
     assert_bit_exact(echo["packed"], expected)   # sent back as one buffer per dtype
     assert_bit_exact(echo["separate"], expected)  # sent back tensor by tensor
+    # received straight into the buffer the client asked for, sent back from its views
+    assert echo["target_params"] == {"landed_in_target": True}
+    assert_bit_exact(echo["views"], expected)

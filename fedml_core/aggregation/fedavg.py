@@ -3,19 +3,22 @@
 Everything in the state is averaged — parameters AND buffers (BatchNorm running
 statistics) — weighted by each client's sample number. Integer buffers (such as
 ``num_batches_tracked``) get the weighted mean rounded to the nearest integer, and
-boolean ones a weighted majority vote.
+boolean ones a weighted majority vote. Updates holding NaN or Inf are left out.
 
 Speed: the states arrive packed (one flat buffer per dtype), and the mean is computed
 in cache-sized blocks: for each block, every buffered update is added into an
 accumulator block that stays in L2 cache. Memory traffic is thus close to the minimum
 of reading each update once and writing the result once, instead of re-reading and
-re-writing a model-sized accumulator per update. The accumulator, which becomes the
-result, is recycled from a round whose result nobody references any more: a fresh
+re-writing a model-sized accumulator per update. The finiteness check rides on the
+same pass: one sum of each block while it is in cache. The accumulator, which becomes
+the result, is recycled from a round whose result nobody references any more: a fresh
 model-sized buffer would page-fault on first touch, which costs more than the
 arithmetic (see docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
@@ -23,10 +26,12 @@ import torch
 
 from ..distributed.communication.packed_tensors import BufferPool, PackedTensors
 from .strategy import AggregationStrategy, ClientUpdate
-from .validation import layout_mismatch
+from .validation import layout_mismatch, non_finite_tensor
 
 # 256 Ki elements: a 1 MiB float32 accumulator block, which stays in L2 cache.
 BLOCK_ELEMENTS = 1 << 18
+
+Shard = Tuple[torch.Tensor, List[Tuple[torch.Tensor, float]], int, int]  # sums, sources, start, end
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,13 +42,25 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64  # integers and bools
 
 
+def aggregation_threads() -> int:
+    """Threads for one aggregation: every core this process may run on. The server
+    aggregates while the round's clients wait for it, so their cores are free."""
+    return len(os.sched_getaffinity(0))
+
+
 class WeightedMeanAccumulator:
     """Weighted mean of packed states that share one layout.
+
+    States holding NaN or Inf are left out of the mean and listed in :attr:`rejected`.
+    The check costs almost nothing: the fold tests each accumulated block while it is
+    still in cache, and only when a block is not finite does it look for the states
+    responsible, then folds again without them.
 
     Args:
         max_buffered: updates held before they are folded into the running sums
             (``None``: hold all of a round's updates and fold them in one pass, which
-            is fastest; a small number bounds the server's memory instead).
+            is fastest; a small number bounds the server's memory instead, and then
+            each update after the first batch is checked on its own before its fold).
     """
 
     def __init__(self, max_buffered: Optional[int] = None) -> None:
@@ -54,6 +71,9 @@ class WeightedMeanAccumulator:
         self._sums: Optional[Dict[torch.dtype, torch.Tensor]] = None
         self._template: Optional[PackedTensors] = None
         self._total_weight = 0.0
+        #: ``{order_key: reason}``: the states left out of the mean being built, or of
+        #: the last :meth:`result`.
+        self.rejected: Dict[int, str] = {}
         # Steady state: the previous result (still the global model) and the one being built.
         self._pool = BufferPool(max_buffers=4)
 
@@ -63,47 +83,83 @@ class WeightedMeanAccumulator:
         Buffered states are summed in ``order_key`` order, not arrival order, so that the
         float result does not depend on which client answered first (bit-reproducible
         runs). With ``max_buffered`` set, states folded in different batches still are.
+        ``order_key`` also names the state in :attr:`rejected`.
         """
         if not weight > 0:
             raise ValueError(f"weight must be positive, got {weight}")
         if self._template is None:
             self._template = params
+            self.rejected = {}
         elif params.layout_key() != self._template.layout_key():
             raise ValueError(layout_mismatch(self._template, params))
         self._pending.append((order_key, params, float(weight)))
         self._total_weight += float(weight)
         if self.max_buffered is not None and len(self._pending) >= self.max_buffered:
-            self._fold(scale=None)
+            self._fold(finish=False)
 
     def result(self) -> PackedTensors:
-        """The weighted mean of everything added; resets the accumulator."""
+        """The weighted mean of the finite states added; resets the accumulator.
+
+        Raises ValueError if no state was added or every one was rejected.
+        """
         if self._template is None:
             raise ValueError("no update was added: nothing to average")
-        self._fold(scale=1.0 / self._total_weight)
+        self._fold(finish=True)
+        template, sums = self._template, self._sums
+        self._pending, self._sums, self._template, self._total_weight = [], None, None, 0.0
+        if sums is None:
+            raise ValueError(f"no valid update to average; rejected: {self.rejected}")
         groups = {}
-        for dtype, total in self._sums.items():
+        for dtype, total in sums.items():
             if dtype == torch.bool:
                 groups[dtype] = total >= 0.5
             elif not dtype.is_floating_point:
                 groups[dtype] = total.round_().to(dtype)
             else:
                 groups[dtype] = total if total.dtype == dtype else total.to(dtype)
-        mean = PackedTensors(self._template.specs, groups)
-        self._pending, self._sums, self._template, self._total_weight = [], None, None, 0.0
-        return mean
+        return PackedTensors(template.specs, groups)
 
-    def _fold(self, scale: Optional[float]) -> None:
-        """Add the pending updates into the sums; multiply the sums by ``scale`` if given."""
+    def _fold(self, finish: bool) -> None:
+        """Add the pending updates into the sums, leaving out non-finite ones; with
+        ``finish``, also divide the sums by the total weight of the updates kept."""
+        if self._sums is not None:
+            # The sums hold earlier batches already, which a pass could not be redone
+            # without: check each update of this batch on its own first.
+            self._reject({key: reason for key, params, _ in self._pending if (reason := non_finite_tensor(params))})
+        # Pending updates to fold, or (all folded before) only the sums left to divide.
+        while self._pending or (finish and self._sums is not None):
+            culprits = self._fold_pending(finish)
+            if not culprits:
+                break
+            # Only on a first fold (the batches after it were checked first), so the
+            # sums hold nothing but this pass: start them again without the culprits.
+            self._reject(culprits)
+            self._sums = None
+        self._pending = []
+
+    def _reject(self, reasons: Dict[int, str]) -> None:
+        for key, _, weight in self._pending:
+            if key in reasons:
+                self.rejected[key] = reasons[key]
+                self._total_weight -= weight
+        self._pending = [entry for entry in self._pending if entry[0] not in reasons]
+
+    def _fold_pending(self, finish: bool) -> Dict[int, str]:
+        """One blocked pass of the pending updates into the sums. Returns ``{key:
+        reason}`` for the pending updates found holding NaN or Inf; the pass's result is
+        then garbage and must be redone without them."""
         first_fold = self._sums is None
         if first_fold:
             self._sums = {}
             for dtype, group in self._template.groups.items():
                 accumulator = _accumulator_dtype(dtype)
                 self._sums[dtype] = self._pool.take(group.numel() * accumulator.itemsize).view(accumulator)
-        shards = []
-        workers = torch.get_num_threads()
+        scale = 1.0 / self._total_weight if finish else None
+        ordered = sorted(self._pending, key=lambda entry: entry[0])
+        workers = aggregation_threads()
+        shards: List[Shard] = []
         for dtype, total in self._sums.items():
-            sources = [(p.groups[dtype], w) for _, p, w in sorted(self._pending, key=lambda entry: entry[0])]
+            sources = [(p.groups[dtype], w) for _, p, w in ordered]
             if total.dtype != dtype:  # small non-float32/64 groups: convert once
                 sources = [(s.to(total.dtype), w) for s, w in sources]
             blocks = -(-total.numel() // BLOCK_ELEMENTS)
@@ -119,19 +175,34 @@ class WeightedMeanAccumulator:
         torch.set_num_threads(1)
         try:
             if workers == 1 or len(shards) == 1:
-                for shard in shards:
-                    _fold_range(*shard, first_fold, scale)
+                non_finite_blocks = [_fold_range(*shard, first_fold, scale) for shard in shards]
             else:
                 with ThreadPoolExecutor(workers) as pool:
-                    list(pool.map(lambda shard: _fold_range(*shard, first_fold, scale), shards))
+                    non_finite_blocks = list(pool.map(lambda shard: _fold_range(*shard, first_fold, scale), shards))
         finally:
             torch.set_num_threads(previous_threads)
-        self._pending = []
+        culprits: Dict[int, str] = {}
+        for (total, sources, _, _), blocks in zip(shards, non_finite_blocks):
+            for start, length in blocks:
+                found = [key for (key, _, _), (source, _) in zip(ordered, sources)
+                         if not torch.isfinite(source.narrow(0, start, length)).all()]
+                if not found:
+                    raise ValueError(f"the weighted sum of finite {total.dtype} updates overflowed "
+                                     f"(elements {start}..{start + length} of that dtype's buffer)")
+                culprits.update({key: non_finite_tensor(params) for key, params, _ in ordered if key in found})
+        return culprits
 
 
 def _fold_range(total: torch.Tensor, sources: List[Tuple[torch.Tensor, float]], start: int, end: int,
-                first_fold: bool, scale: Optional[float]) -> None:
-    """Fold ``sources`` into ``total[start:end]`` one cache-sized block at a time."""
+                first_fold: bool, scale: Optional[float]) -> List[Tuple[int, int]]:
+    """Fold ``sources`` into ``total[start:end]`` one cache-sized block at a time.
+
+    Returns ``(start, length)`` of the floating-point blocks that came out holding NaN
+    or Inf: a sum of finite values is finite unless it overflows, so those blocks are
+    where some source is not finite.
+    """
+    check = total.dtype.is_floating_point
+    non_finite = []
     for block_start in range(start, end, BLOCK_ELEMENTS):
         length = min(BLOCK_ELEMENTS, end - block_start)
         block = total.narrow(0, block_start, length)
@@ -141,13 +212,19 @@ def _fold_range(total: torch.Tensor, sources: List[Tuple[torch.Tensor, float]], 
             rest = sources[1:]
         for source, weight in rest:
             block.add_(source.narrow(0, block_start, length), alpha=weight)
+        # NaN and Inf propagate into the block's sum (which may also overflow: then the
+        # exact test decides).
+        if check and not math.isfinite(block.sum()) and not torch.isfinite(block).all():
+            non_finite.append((block_start, length))
         if scale is not None:
             block.mul_(scale)
+    return non_finite
 
 
 class FedAvg(AggregationStrategy):
     """Federated averaging (McMahan et al., 2017): the new global model is the mean of
-    the clients' states weighted by their sample numbers.
+    the clients' states weighted by their sample numbers; updates holding NaN or Inf are
+    left out (see :meth:`rejected_updates`).
 
     Args:
         max_buffered_updates: see :class:`WeightedMeanAccumulator` (``None``: fastest).
@@ -163,3 +240,6 @@ class FedAvg(AggregationStrategy):
 
     def aggregate(self, global_model: PackedTensors) -> PackedTensors:
         return self._accumulator.result()
+
+    def rejected_updates(self) -> Dict[int, str]:
+        return dict(self._accumulator.rejected)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Dict
 
 from ..distributed.communication.packed_tensors import PackedTensors
 
@@ -40,3 +41,8 @@ class AggregationStrategy(ABC):
 
         ``global_model`` is the model the clients started the round from.
         """
+
+    def rejected_updates(self) -> Dict[int, str]:
+        """``{client_id: reason}`` of the updates the last :meth:`aggregate` left out
+        (e.g. for holding NaN or Inf). A strategy that rejects nothing returns ``{}``."""
+        return {}

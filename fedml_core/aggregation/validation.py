@@ -1,5 +1,9 @@
-"""Checks an incoming client update before it may touch the global model."""
+"""Checks on client updates: the layout before one is accepted, finiteness while it is
+aggregated (see :class:`~fedml_core.aggregation.fedavg.WeightedMeanAccumulator`)."""
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 
@@ -10,24 +14,31 @@ class InvalidUpdate(ValueError):
     """A client update that must not be aggregated; the message says what is wrong."""
 
 
-def check_update(reference: PackedTensors, update: PackedTensors) -> None:
+def check_layout(reference: PackedTensors, update: PackedTensors) -> None:
     """Raise :class:`InvalidUpdate` unless ``update`` has exactly ``reference``'s tensors
-    (names, order, dtypes, shapes) and only finite floating-point values.
-
-    The finiteness test reads each float buffer once: a float64 sum of float32/16 values
-    is finite exactly when every value is, since it cannot overflow.
-    """
+    (names, order, dtypes, shapes)."""
     if update.layout_key() != reference.layout_key():
         raise InvalidUpdate(layout_mismatch(reference, update))
+
+
+def non_finite_tensor(update: PackedTensors) -> Optional[str]:
+    """None if every floating-point value of ``update`` is finite, else a message naming
+    the first tensor that holds NaN or Inf.
+
+    One read of each float buffer: its float32-or-wider sum, into which NaN and Inf
+    propagate; only when that sum is not finite (NaN, Inf, or an overflow of finite
+    values) is each value tested.
+    """
     for dtype, group in update.groups.items():
-        if not dtype.is_floating_point or torch.isfinite(group.sum(dtype=torch.float64)):
+        if not dtype.is_floating_point or math.isfinite(group.sum(dtype=torch.promote_types(dtype, torch.float32))):
             continue
         finite = torch.isfinite(group)
-        if finite.all():  # float64 values whose sum overflowed: fine
+        if finite.all():  # finite values whose sum overflowed
             continue
         first_bad = int((~finite).nonzero()[0])
         spec = next(s for s in update.specs if s.dtype == dtype and s.offset <= first_bad < s.offset + s.numel)
-        raise InvalidUpdate(f"tensor {spec.name!r} holds NaN or Inf values")
+        return f"tensor {spec.name!r} holds NaN or Inf values"
+    return None
 
 
 def layout_mismatch(expected: PackedTensors, got: PackedTensors) -> str:

@@ -52,14 +52,19 @@ class FedAVGAggregator:
     def add_local_trained_result(self, client_id: int, params: PackedTensors, sample_number: int) -> None:
         self.strategy.add(ClientUpdate(client_id, params, sample_number))
 
-    def aggregate(self) -> PackedTensors:
-        """Replace the global model by the aggregate of this round's updates and return it."""
+    def aggregate(self) -> Dict[int, str]:
+        """Replace the global model by the aggregate of this round's updates.
+
+        Returns ``{client_id: reason}`` of the updates the strategy left out (holding
+        NaN or Inf, for FedAvg). Raises ValueError, leaving the global model as it was,
+        if no update could be used.
+        """
         self.global_model = self.strategy.aggregate(self.global_model)
-        return self.global_model
+        return self.strategy.rejected_updates()
 
     def global_model_state(self) -> Dict[str, torch.Tensor]:
         """An independent copy of the global model's state_dict."""
-        return {name: t.clone() for name, t in self.global_model.tensors().items()}
+        return self.global_model.copy_tensors()
 
     def aggregate_test_results(self, results: Mapping[int, Mapping[str, Any]]) -> Dict[str, Any]:
         """Combine ``{client_id: {"result": ..., "sample_number": ...}}`` with the

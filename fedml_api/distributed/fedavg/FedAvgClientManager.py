@@ -6,6 +6,7 @@ from argparse import Namespace
 
 from fedml_core.distributed.client.client_manager import ClientManager
 from fedml_core.distributed.communication.message import Message
+from fedml_core.distributed.communication.packed_tensors import pack_module
 from fedml_core.distributed.communication.transport import Transport
 
 from .FedAVGTrainer import FedAVGTrainer
@@ -18,6 +19,12 @@ class FedAVGClientManager(ClientManager):
     def __init__(self, args: Namespace, trainer: FedAVGTrainer, transport: Transport) -> None:
         super().__init__(args, transport)
         self.trainer = trainer
+        # Every model this client receives is loaded into its model at once: with the
+        # model packed, it arrives in the model's own memory (loading it copies nothing)
+        # and the trained state goes back as one buffer per dtype.
+        model_state = pack_module(trainer.trainer.model)
+        if model_state is not None:
+            transport.receive_into(model_state)
 
     def register_message_receive_handlers(self) -> None:
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT, self.handle_message_receive_model_from_server)

@@ -6,13 +6,13 @@ import time
 from argparse import Namespace
 from typing import Any, Dict, FrozenSet, List, Optional
 
-from fedml_core.aggregation import InvalidUpdate, check_update
+from fedml_core.aggregation import InvalidUpdate, check_layout
 from fedml_core.distributed.communication.message import Message
 from fedml_core.distributed.communication.transport import PeerFailure, Transport
 from fedml_core.distributed.server.server_manager import ServerManager
 
 from .args import resolve_min_clients
-from .checkpoint import ServerCheckpoint, save_checkpoint
+from .checkpoint import CheckpointWriter, ServerCheckpoint
 from .FedAVGAggregator import FedAVGAggregator
 from .message_define import MyMessage
 
@@ -30,14 +30,16 @@ class FedAVGServerManager(ServerManager):
     Each round: send the global model to the sampled clients, aggregate their replies,
     and on test rounds (every ``args.frequency_of_the_test`` rounds and after the
     last one) have every client test the new model and combine the metrics. After every
-    round a checkpoint is written.
+    round a checkpoint is written (in the background; the last one is on disk before
+    the run ends, whether it completes or stops).
 
     Failures: a client that dies (reported by the transport), does not answer within
     ``args.round_timeout`` seconds, or cannot be sent to, is marked failed and left out
     of later rounds; the round is aggregated from the updates that arrived if there are
     at least ``min_clients`` of them, else the run stops with :class:`FederationError`.
     A failed client that later sends anything is known to be back and may be sampled
-    again. An update with the wrong tensors or non-finite values is rejected and the
+    again. An update with the wrong tensors (on arrival) or non-finite values (while
+    aggregating) is rejected and the
     round goes on without it.
 
     Args:
@@ -72,6 +74,7 @@ class FedAVGServerManager(ServerManager):
         self._test_results: Dict[int, Dict[str, Any]] = {}
         self._round_start = self._phase_start = 0.0
         self._run_start = time.perf_counter()
+        self.checkpoints = CheckpointWriter(args.run_dir)
 
     def register_message_receive_handlers(self) -> None:
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENT_READY, self.handle_message_client_ready)
@@ -86,6 +89,7 @@ class FedAVGServerManager(ServerManager):
             super().run()
         except BaseException:
             self._release_clients()  # let them exit instead of waiting for us forever
+            self._flush_checkpoints()
             raise
 
     def available_clients(self) -> List[int]:
@@ -133,26 +137,32 @@ class FedAVGServerManager(ServerManager):
         if not self._expected(msg, "train"):
             return
         try:
-            check_update(self.aggregator.global_model, msg.packed)
+            check_layout(self.aggregator.global_model, msg.packed)
             num_samples = int(msg.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES))
             self.aggregator.add_local_trained_result(sender, msg.packed, num_samples)
         except (InvalidUpdate, ValueError) as error:
-            logging.error("server: round %d: rejected the update of client %d: %s", self.round_idx, sender, error)
-            self._record.setdefault("rejected_updates", {})[str(sender)] = str(error)
+            self._reject_update(sender, str(error))
         else:
             self._accepted += 1
             self._train_seconds.append(float(msg.get(MyMessage.MSG_ARG_KEY_TRAIN_SECONDS)))
         self._waiting.discard(sender)
         self._maybe_end_phase()
 
+    def _reject_update(self, client_id: int, reason: str) -> None:
+        logging.error("server: round %d: rejected the update of client %d: %s", self.round_idx, client_id, reason)
+        self._record.setdefault("rejected_updates", {})[str(client_id)] = reason
+
     def _end_training_phase(self) -> None:
-        if self._accepted < self.min_clients:
-            raise FederationError(
-                f"round {self.round_idx}: {self._accepted} usable updates, fewer than "
-                f"--min_clients_per_round={self.min_clients}; failed: {self.failed}"
-            )
+        self._require_usable_updates(self._accepted)
         updates_in = time.perf_counter()
-        self.aggregator.aggregate()
+        try:
+            rejected = self.aggregator.aggregate()
+        except ValueError as error:  # every update rejected, or their sum overflowed
+            raise FederationError(f"round {self.round_idx}: cannot aggregate: {error}") from None
+        for client_id, reason in sorted(rejected.items()):
+            self._reject_update(client_id, reason)
+        # Fewer than min_clients finite updates: the aggregate is not checkpointed.
+        self._require_usable_updates(self._accepted - len(rejected))
         aggregated = time.perf_counter()
         slowest_training = max(self._train_seconds)
         self._record.update(
@@ -165,6 +175,13 @@ class FedAVGServerManager(ServerManager):
             self._begin_phase("test", self.available_clients(), MyMessage.MSG_TYPE_S2C_TEST_MODEL)
         else:
             self._end_round()
+
+    def _require_usable_updates(self, count: int) -> None:
+        if count < self.min_clients:
+            raise FederationError(
+                f"round {self.round_idx}: {count} usable updates, fewer than "
+                f"--min_clients_per_round={self.min_clients}; failed: {self.failed}"
+            )
 
     # -- test phase --------------------------------------------------------------
     def _is_test_round(self) -> bool:
@@ -262,12 +279,12 @@ class FedAVGServerManager(ServerManager):
             self._record["failed_clients"] = sorted(self.failed)
         self.recorder.log_round(self._record)
         self._record = {}
-        save_checkpoint(self.args.run_dir, ServerCheckpoint(
-            round_idx=self.round_idx,
-            global_model=self.aggregator.global_model_state(),
-            failed_clients=dict(self.failed),
-            records=list(self.recorder.records),
-            seed=self.args.seed,
+        # Written in the background from what the round left: the aggregate is never
+        # modified (the next one is built in other memory) and is written from where it
+        # is; the rest is copied now.
+        model, round_idx, failed, records = self.aggregator.global_model, self.round_idx, dict(self.failed), list(self.recorder.records)
+        self.checkpoints.submit(lambda: ServerCheckpoint(
+            round_idx=round_idx, global_model=model.tensors(), failed_clients=failed, records=records, seed=self.args.seed,
         ))
         self.round_idx += 1
         if self.round_idx < self.round_num:
@@ -277,8 +294,16 @@ class FedAVGServerManager(ServerManager):
 
     def _finish_run(self) -> None:
         self._release_clients()
+        self.checkpoints.close()
         self.recorder.finish(self.aggregator.global_model_state(), wall_seconds=time.perf_counter() - self._run_start)
         self.finish()
+
+    def _flush_checkpoints(self) -> None:
+        """Let the last round's checkpoint reach the disk before the run stops."""
+        try:
+            self.checkpoints.close()
+        except RuntimeError as error:
+            logging.error("server: %s", error)
 
     def _release_clients(self) -> None:
         # Failed clients too: one that was only slow must not wait for us forever. The

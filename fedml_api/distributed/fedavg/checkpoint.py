@@ -2,18 +2,28 @@
 
 Written after every round as ``<run_dir>/checkpoint.pt``, atomically (written to a
 temporary file, flushed to disk, then renamed over the old one), so a crash at any
-moment leaves either the previous or the new checkpoint, never a partial file.
+moment leaves either the previous or the new checkpoint, never a partial file. The
+server writes them in the background (:class:`CheckpointWriter`): the next round does
+not wait for the disk.
 """
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
+from torch.utils.serialization import config as serialization_config
+
+from fedml_core.distributed.communication.packed_tensors import PackedTensors, byte_view, dtype_from_name, dtype_name, plan_layout
 
 CHECKPOINT_NAME = "checkpoint.pt"
-FORMAT_VERSION = 1
+# 2: the global model is stored packed (see _packed_model).
+FORMAT_VERSION = 2
+# Niceness of the checkpoint writer thread: it yields the CPU to the round's work.
+WRITER_NICENESS = 10
 
 
 @dataclass
@@ -41,8 +51,11 @@ def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint) -> str:
     """Atomically write ``checkpoint`` to ``<run_dir>/checkpoint.pt``; returns the path."""
     path = os.path.join(run_dir, CHECKPOINT_NAME)
     temporary = path + ".partial"
-    with open(temporary, "wb") as f:
-        torch.save({"format": FORMAT_VERSION, **vars(checkpoint)}, f)
+    fields = {**vars(checkpoint), "global_model": _packed_model(checkpoint.global_model)}
+    # No zip CRC32: it would double the CPU time of every checkpoint, and the atomic
+    # write + fsync + rename already guarantees a whole file.
+    with open(temporary, "wb") as f, serialization_config.patch({"save.compute_crc32": False}):
+        torch.save({"format": FORMAT_VERSION, **fields}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
@@ -52,6 +65,96 @@ def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint) -> str:
     finally:
         os.close(directory)
     return path
+
+
+def _packed_model(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """The model as its layout plus one byte buffer per dtype. Views of packed buffers
+    (the server's aggregate) are written from where they are, with no copy; torch.save
+    could not take them as typed tensors when several dtypes share one buffer."""
+    packed = PackedTensors.from_views(state) or PackedTensors.from_tensors(state)
+    return {
+        "tensors": [(spec.name, dtype_name(spec.dtype), spec.shape) for spec in packed.specs],
+        "groups": {dtype_name(dtype): byte_view(group) for dtype, group in packed.groups.items()},
+    }
+
+
+def _unpacked_model(stored: Mapping[str, Any], path: str) -> Dict[str, torch.Tensor]:
+    specs, sizes = plan_layout([(name, dtype_from_name(dtype), tuple(shape)) for name, dtype, shape in stored["tensors"]])
+    groups = {dtype_from_name(name): raw.view(dtype_from_name(name)) for name, raw in stored["groups"].items()}
+    if {dtype: group.numel() for dtype, group in groups.items()} != sizes:
+        raise ValueError(f"--resume: {path} is damaged: its model's buffers do not match its tensor list")
+    return PackedTensors(specs, groups).tensors()
+
+
+class CheckpointWriter:
+    """Writes checkpoints with :func:`save_checkpoint` in a background thread.
+
+    :meth:`submit` takes a function that builds the checkpoint (it runs in the
+    background too, and must only read state that nobody changes afterwards: the
+    model is written from its own memory, not copied first). The thread runs at a low
+    scheduling priority, in the CPU time the round leaves idle. If checkpoints come faster than the disk
+    takes them, a waiting one is replaced by the newer one: each supersedes the last.
+    A failed write is raised by the next :meth:`submit` or by :meth:`close`.
+
+    Args:
+        run_dir: where ``checkpoint.pt`` goes.
+    """
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        self._changed = threading.Condition()
+        self._waiting: Optional[Callable[[], ServerCheckpoint]] = None
+        self._writing = False
+        self._closed = False
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._write_loop, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, make_checkpoint: Callable[[], ServerCheckpoint]) -> None:
+        """Write ``make_checkpoint()`` soon (replacing any checkpoint still waiting)."""
+        with self._changed:
+            self._raise_error()
+            if self._closed:
+                raise RuntimeError("CheckpointWriter.submit() after close()")
+            self._waiting = make_checkpoint
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        """Wait until the last submitted checkpoint is on disk, then stop the thread;
+        raises the error of a failed write."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+            while self._waiting is not None or self._writing:
+                self._changed.wait()
+        self._thread.join()
+        with self._changed:
+            self._raise_error()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"could not write the checkpoint in {self.run_dir}: {error}") from error
+
+    def _write_loop(self) -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)  # this thread only (Linux)
+        while True:
+            with self._changed:
+                while self._waiting is None and not self._closed:
+                    self._changed.wait()
+                if self._waiting is None:
+                    return
+                make_checkpoint, self._waiting, self._writing = self._waiting, None, True
+            try:
+                save_checkpoint(self.run_dir, make_checkpoint())
+            except BaseException as error:  # reported to the server's thread
+                logging.error("could not write the checkpoint in %s: %s", self.run_dir, error)
+                with self._changed:
+                    self._error = error
+            finally:
+                with self._changed:
+                    self._writing = False
+                    self._changed.notify_all()
 
 
 def load_checkpoint(path: str) -> ServerCheckpoint:
@@ -64,6 +167,7 @@ def load_checkpoint(path: str) -> ServerCheckpoint:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:
         raise ValueError(f"--resume: {path} is not a checkpoint of this framework (format {FORMAT_VERSION})")
     raw.pop("format")
+    raw["global_model"] = _unpacked_model(raw["global_model"], path)
     return ServerCheckpoint(**raw)
 
 

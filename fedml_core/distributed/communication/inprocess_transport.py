@@ -45,6 +45,12 @@ class InProcessTransport(Transport):
 
     def receive(self, timeout: Optional[float] = None) -> Optional[Message]:
         try:
-            return self.hub.inboxes[self.rank].get(timeout=timeout)
+            message = self.hub.inboxes[self.rank].get(timeout=timeout)
         except queue.Empty:
             return None
+        target = self.receive_target
+        if target is not None and message.packed.layout_key() == target.layout_key():
+            for dtype, group in message.packed.groups.items():
+                target.groups[dtype].copy_(group)
+            message.set_packed(target)
+        return message

@@ -2,8 +2,10 @@
 
 Wire format of one message from rank ``s`` to rank ``r``:
 
-1. a small JSON header on ``HEADER_TAG``: type, sender, receiver, plain params and
-   the tensors' ``(name, dtype, shape)`` list plus how the payload is cut;
+1. a small JSON header on ``HEADER_TAG``: type, sender, receiver, plain params, how
+   the payload is cut, and the id of its tensor layout (the tensors' ``(name, dtype,
+   shape)`` list). A layout's list travels only the first time the sender uses it with
+   this receiver; later messages (every round's model) name it by id alone;
 2. the payload as raw bytes on ``DATA_TAG``: either one buffer per tensor (when the
    sender's tensors are separate, e.g. a live ``state_dict``) or one buffer per dtype
    (when the sender already holds them packed, e.g. an aggregated global model).
@@ -18,9 +20,10 @@ the dead ranks, and a send to a dead or frozen peer fails or times out without
 blocking the sends to other peers (:meth:`MpiTransport.send_many`).
 
 Waiting never spins a core for long: a wait spins for ``spin_seconds`` (20 ms by
-default: echoes and large transfers land within it), then probes with an exponential
-sleep back-off capped at ``max_poll_interval`` (1 ms by default), which bounds the
-added latency while keeping an idle rank near 0% CPU.
+default: echoes and large transfers land within it), yielding the core to any other
+runnable process at each probe (ranks often outnumber cores), then probes with an
+exponential sleep back-off capped at ``max_poll_interval`` (1 ms by default), which
+bounds the added latency while keeping an idle rank near 0% CPU.
 """
 from __future__ import annotations
 
@@ -29,13 +32,13 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from mpi4py import MPI
 
 from .message import Message, decode_header, encode_header
-from .packed_tensors import BufferPool, PackedTensors, byte_view, dtype_from_name, dtype_name
+from .packed_tensors import BufferPool, PackedTensors, TensorSpec, byte_view, dtype_from_name, dtype_name, plan_layout
 from .transport import PeerFailure, Transport, TransportTimeout
 
 HEADER_TAG = 17
@@ -64,6 +67,9 @@ class MpiTransport(Transport):
         self.failed_ranks: set = set()
         # Sends given up on (peer frozen) keep their buffers alive until MPI completes them.
         self._abandoned: List[Tuple[List[MPI.Request], List[torch.Tensor]]] = []
+        # Layout ids: {receiver: {layout: id}} for sending, {sender: [layouts by id]} for receiving.
+        self._layout_ids: Dict[int, Dict[Tuple, int]] = {}
+        self._layouts: Dict[int, List[_Layout]] = {}
 
     # -- ending --------------------------------------------------------------------
     def abandon(self, rank: int) -> None:
@@ -109,6 +115,9 @@ class MpiTransport(Transport):
         """Start sending ``message``; returns its requests and the buffers they read."""
         dest = message.receiver_id
         packed = message.packed
+        if packed is None:
+            # A packed module's state_dict: views that tile its packed buffers.
+            packed = PackedTensors.from_views(message.tensors)
         if packed is not None:
             entries = [(s.name, dtype_name(s.dtype), s.shape) for s in packed.specs]
             buffers = [byte_view(g) for g in packed.groups.values()]
@@ -116,7 +125,14 @@ class MpiTransport(Transport):
             tensors = {k: _cpu_contiguous(t) for k, t in message.tensors.items()}
             entries = [(k, dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()]
             buffers = [byte_view(t) for t in tensors.values()]
-        header = {**message.header(), "tensors": entries, "by_dtype": packed is not None}
+        header = {**message.header(), "by_dtype": packed is not None}
+        # MPI delivers a sender's messages in order and never drops one to a live peer, so
+        # the receiver has seen a layout's list before any message that names it by id.
+        known = self._layout_ids.setdefault(dest, {})
+        header["layout"] = known.get(tuple(entries))
+        if header["layout"] is None:
+            header["layout"] = known[tuple(entries)] = len(known)
+            header["tensors"] = entries
         header_bytes = torch.frombuffer(bytearray(encode_header(header)), dtype=torch.uint8)
         buffers = [header_bytes] + buffers
         requests = [self.comm.Isend([header_bytes.numpy(), MPI.BYTE], dest, HEADER_TAG)]
@@ -164,9 +180,13 @@ class MpiTransport(Transport):
         self.comm.Recv([raw, MPI.BYTE], source, HEADER_TAG)
         try:
             header = decode_header(bytes(raw))
-            entries = [(str(n), dtype_from_name(d), tuple(int(x) for x in s)) for n, d, s in header["tensors"]]
-            packed = PackedTensors.empty_like_specs(entries, allocate=self.pool.take)
-        except (ValueError, TypeError, KeyError, RuntimeError) as error:
+            layout = self._layout(source, header)
+            target = self.receive_target
+            if target is not None and layout.key == target.layout_key():
+                packed = target
+            else:
+                packed = PackedTensors.empty(layout.specs, layout.sizes, allocate=self.pool.take)
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
             # A peer that breaks the wire protocol cannot be trusted to stay in step.
             logging.error("rank %d: malformed message from rank %d (%s); treating it as failed", self.rank, source, error)
             self.failed_ranks.add(source)
@@ -186,6 +206,19 @@ class MpiTransport(Transport):
         message.set_packed(packed)
         return message
 
+    def _layout(self, source: int, header: Dict) -> "_Layout":
+        """The layout a header from ``source`` names, learning it if the header carries it."""
+        layouts = self._layouts.setdefault(source, [])
+        layout_id = header["layout"]
+        if "tensors" in header:
+            if layout_id != len(layouts):
+                raise ValueError(f"layout {layout_id} announced out of order (expected {len(layouts)})")
+            entries = tuple((str(n), dtype_from_name(d), tuple(int(x) for x in s)) for n, d, s in header["tensors"])
+            layouts.append(_Layout(entries, *plan_layout(entries)))
+        if not (type(layout_id) is int and 0 <= layout_id < len(layouts)):
+            raise ValueError(f"unknown layout {layout_id!r}")
+        return layouts[layout_id]
+
     # -- waiting without burning a core --------------------------------------------
     def _poll(self, ready: Callable[[], bool], timeout: Optional[float]) -> bool:
         """Call ``ready()`` until it is true; False if ``timeout`` seconds pass first.
@@ -202,10 +235,20 @@ class MpiTransport(Transport):
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return False
-            if now >= spin_until:
+            if now < spin_until:
+                os.sched_yield()
+            else:
                 time.sleep(delay)
                 delay = min(delay * 2, self.max_poll_interval)
         return True
+
+class _Layout(NamedTuple):
+    """A tensor layout a peer announced: its ``(name, dtype, shape)`` entries, planned."""
+
+    key: Tuple[Tuple[str, torch.dtype, Tuple[int, ...]], ...]
+    specs: List[TensorSpec]
+    sizes: Dict[torch.dtype, int]
+
 
 # ERR_IN_STATUS: a multi-request call failed in one request (e.g. its peer died).
 _FAILURE_CLASSES = (MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKED, MPI.ERR_IN_STATUS)

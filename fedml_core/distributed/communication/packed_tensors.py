@@ -69,6 +69,7 @@ class PackedTensors:
     def __init__(self, specs: Sequence[TensorSpec], groups: Dict[torch.dtype, torch.Tensor]) -> None:
         self.specs = list(specs)
         self.groups = groups
+        self._layout_key: Optional[Tuple[Tuple[str, torch.dtype, Tuple[int, ...]], ...]] = None
 
     @classmethod
     def empty_like_specs(
@@ -81,7 +82,12 @@ class PackedTensors:
         All groups are carved out of one uint8 buffer of ``allocate(nbytes)`` bytes
         (default: a fresh ``torch.empty``), each group starting on a 64-byte boundary.
         """
-        specs, sizes = plan_layout(entries)
+        return cls.empty(*plan_layout(entries), allocate=allocate)
+
+    @classmethod
+    def empty(cls, specs: Sequence[TensorSpec], sizes: Mapping[torch.dtype, int],
+              allocate: Optional[Callable[[int], torch.Tensor]] = None) -> "PackedTensors":
+        """:meth:`empty_like_specs` for a layout already planned by :func:`plan_layout`."""
         starts, end = {}, 0
         for dtype, n in sizes.items():
             starts[dtype] = end
@@ -98,6 +104,25 @@ class PackedTensors:
             packed.view(spec).copy_(tensors[spec.name].detach())
         return packed
 
+    @classmethod
+    def from_views(cls, tensors: Mapping[str, torch.Tensor]) -> Optional["PackedTensors"]:
+        """The packed buffers that ``tensors`` are views of, without copying: when, for
+        every dtype, its tensors are contiguous CPU tensors that tile one memory block
+        in order (as the ``state_dict()`` of a module packed by :func:`pack_module`).
+        None when they do not."""
+        specs, sizes = plan_layout([(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()])
+        firsts: Dict[torch.dtype, torch.Tensor] = {}
+        for spec in specs:
+            tensor = tensors[spec.name]
+            first = firsts.setdefault(spec.dtype, tensor)
+            if (tensor.device.type != "cpu" or not tensor.is_contiguous()
+                    or tensor.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                    or tensor.data_ptr() != first.data_ptr() + spec.offset * tensor.element_size()):
+                return None
+        groups = {dtype: torch.empty(0, dtype=dtype).set_(first.untyped_storage(), first.storage_offset(), (sizes[dtype],))
+                  for dtype, first in firsts.items()}
+        return cls(specs, groups)
+
     def view(self, spec: TensorSpec) -> torch.Tensor:
         return self.groups[spec.dtype].narrow(0, spec.offset, spec.numel).view(spec.shape)
 
@@ -105,15 +130,51 @@ class PackedTensors:
         """Name -> tensor views into the flat buffers (shared memory, no copy)."""
         return {spec.name: self.view(spec) for spec in self.specs}
 
+    def copy_tensors(self) -> Dict[str, torch.Tensor]:
+        """Name -> tensor, independent of this object's memory (one copy per dtype group;
+        the tensors of a dtype are views into that copy, which ``torch.save`` accepts)."""
+        return PackedTensors(self.specs, {dtype: group.clone() for dtype, group in self.groups.items()}).tensors()
+
     def layout_key(self) -> Tuple[Tuple[str, torch.dtype, Tuple[int, ...]], ...]:
         """Identifies the layout: two PackedTensors with equal keys can be combined elementwise."""
-        return tuple((s.name, s.dtype, s.shape) for s in self.specs)
+        if self._layout_key is None:  # the specs never change
+            self._layout_key = tuple((s.name, s.dtype, s.shape) for s in self.specs)
+        return self._layout_key
 
     def nbytes(self) -> int:
         return sum(g.numel() * g.element_size() for g in self.groups.values())
 
 
 _ALIGN = 64
+
+
+def pack_module(module: torch.nn.Module) -> Optional[PackedTensors]:
+    """Move a CPU module's parameters and buffers into packed buffers, in place.
+
+    Afterwards every tensor of ``module.state_dict()`` is a view into the returned
+    :class:`PackedTensors` (values unchanged; the Parameter objects stay the same, so
+    optimizers holding them keep working). A transport can then send the state as one
+    buffer per dtype and receive a model straight into the module's memory.
+
+    Returns None, leaving the module alone, when it cannot be packed: tensors not on
+    the CPU, or tensors shared between entries (tied weights).
+    """
+    state = module.state_dict(keep_vars=True)
+    if any(t.device.type != "cpu" for t in state.values()):
+        return None
+    if _overlap(state.values()):
+        return None
+    packed = PackedTensors.from_tensors(state)
+    with torch.no_grad():
+        for spec in packed.specs:
+            state[spec.name].data = packed.view(spec)
+    return packed
+
+
+def _overlap(tensors) -> bool:
+    """True if any two tensors share memory."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel())
+    return any(start < previous_end for (_, previous_end), (start, _) in zip(spans, spans[1:]))
 
 
 def _itemsize(dtype: torch.dtype) -> int:

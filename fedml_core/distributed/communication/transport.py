@@ -5,6 +5,7 @@ from abc import ABC, abstractmethod
 from typing import Dict, FrozenSet, Iterable, Optional, Sequence
 
 from .message import Message
+from .packed_tensors import PackedTensors
 
 
 class TransportTimeout(TimeoutError):
@@ -32,6 +33,8 @@ class Transport(ABC):
 
     rank: int
     world_size: int
+    #: Where tensors whose layout matches arrive (see :meth:`receive_into`); None: fresh memory.
+    receive_target: Optional[PackedTensors] = None
 
     @abstractmethod
     def send(self, message: Message, timeout: Optional[float] = None) -> None:
@@ -64,6 +67,17 @@ class Transport(ABC):
         Waiting does not spin a CPU core. Raises :class:`PeerFailure` when the
         communication layer learns that peers died (then call ``receive`` again).
         """
+
+    def receive_into(self, target: Optional[PackedTensors]) -> None:
+        """From now on, receive the tensors of every message whose layout (names, dtypes,
+        shapes, order) is ``target``'s straight into ``target``, overwriting it; other
+        messages still get fresh memory. ``None`` turns this off.
+
+        For a rank that loads each model it receives into one place at once, e.g. a
+        client whose model was packed with ``pack_module``: the model then arrives in
+        the module's own memory, and loading it copies nothing.
+        """
+        self.receive_target = target
 
     def abandon(self, rank: int) -> None:
         """Note that ``rank`` was given up on (dead, frozen, unreachable)."""

@@ -1,0 +1,64 @@
+"""The server's checkpoint: bit-exact on disk, written in the background, never lost."""
+import time
+
+import pytest
+import torch
+
+from fedml_api.distributed.fedavg.checkpoint import CheckpointWriter, ServerCheckpoint, load_checkpoint, save_checkpoint
+from fedml_core.distributed.communication.packed_tensors import PackedTensors
+
+
+def _state() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w": torch.randn(3, 4, generator=g),
+        "bn.num_batches_tracked": torch.tensor(7),
+        "half": torch.randn(5, generator=g).half(),
+        "mask": torch.tensor([True, False]),
+    }
+
+
+def _checkpoint(round_idx: int, model: dict) -> ServerCheckpoint:
+    return ServerCheckpoint(round_idx=round_idx, global_model=model, failed_clients={3: "its process died"},
+                            records=[{"round": round_idx}], seed=5)
+
+
+@pytest.mark.parametrize("layout", ["separate tensors", "views of one packed buffer"])
+def test_a_checkpoint_reloads_bit_exactly(tmp_path, layout):
+    state = _state()
+    # A received model: every dtype's tensors are views into one shared buffer.
+    model = state if layout == "separate tensors" else PackedTensors.from_tensors(state).tensors()
+    save_checkpoint(str(tmp_path), _checkpoint(4, model))
+    loaded = load_checkpoint(str(tmp_path))
+    assert (loaded.round_idx, loaded.failed_clients, loaded.records, loaded.seed) == (4, {3: "its process died"}, [{"round": 4}], 5)
+    assert list(loaded.global_model) == list(state)
+    for key, value in state.items():
+        assert loaded.global_model[key].dtype == value.dtype and torch.equal(loaded.global_model[key], value), key
+
+
+def test_the_writer_puts_the_last_submitted_checkpoint_on_disk_and_skips_superseded_ones(tmp_path):
+    built = []
+
+    def builder(round_idx: int, delay: float = 0.0):
+        def build() -> ServerCheckpoint:
+            time.sleep(delay)
+            built.append(round_idx)
+            return _checkpoint(round_idx, _state())
+        return build
+
+    writer = CheckpointWriter(str(tmp_path))
+    writer.submit(builder(0, delay=0.5))
+    time.sleep(0.1)  # round 0 is being built
+    for round_idx in (1, 2, 3):  # each replaces the one still waiting
+        writer.submit(builder(round_idx))
+    writer.close()
+    assert built == [0, 3]
+    assert load_checkpoint(str(tmp_path)).round_idx == 3
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_failed_write_is_raised_to_the_caller(tmp_path):
+    writer = CheckpointWriter(str(tmp_path / "missing" / "run"))
+    writer.submit(lambda: _checkpoint(0, _state()))
+    with pytest.raises(RuntimeError, match="could not write the checkpoint in .*missing/run: .*No such file"):
+        writer.close()
