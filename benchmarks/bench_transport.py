@@ -10,8 +10,13 @@ round trip (0 -> 1 -> 0) of the 44.7 MB state of ``ResNet18(width=64)``:
   FedAVGServerManager does), the client sends the received message's tensors back,
   packed as they arrived. Both sides wait in ``MpiTransport.receive()``, whose
   spin-then-back-off polling is part of what is measured.
-- ``framework, state_dict``: the realistic reply: the client sends a fresh
-  ``model.state_dict()`` (122 separate tensors) instead.
+- ``framework, packed model's state_dict``: the realistic reply, as a FedAvg client
+  sends it: the client's model was packed (``pack_module``, as FedAVGClientManager
+  does) and receives the model straight into its own memory (``receive_into``); it
+  replies with ``model.state_dict()``, whose views the transport recognises as the
+  packed buffers.
+- ``framework, unpacked state_dict``: the same reply from a model that was not packed
+  (122 separate tensors, 122 sends), for comparison.
 - ``raw Send/Recv``: mpi4py ``Send``/``Recv`` of one preallocated numpy float32 buffer
   of the same byte size: the reference the framework is held to. numpy backs an array
   this large with transparent huge pages; ``raw Send/Recv, torch-allocated`` repeats it
@@ -53,6 +58,7 @@ NUM_RANKS = 2
 RAW_TAG = 99
 PING, PONG, ROUND_TRIP = 1, 2, 3  # message types
 RAW = "raw Send/Recv (flat float32)"  # the reference
+PACKED_REPLY = "framework, packed model's state_dict"
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
@@ -87,7 +93,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     from fedml_api.model.ResNet18.resnet import ResNet18
     from fedml_core.distributed.communication.message import Message
     from fedml_core.distributed.communication.mpi_transport import MpiTransport
-    from fedml_core.distributed.communication.packed_tensors import PackedTensors
+    from fedml_core.distributed.communication.packed_tensors import PackedTensors, pack_module
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -95,6 +101,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
     transport = MpiTransport(comm)
     model = ResNet18(num_classes=10, in_channels=3, width=64)
     state = model.state_dict()
+    packed_model = ResNet18(num_classes=10, in_channels=3, width=64)
+    packed_state = pack_module(packed_model)
     global_model = PackedTensors.from_tensors(state)
     nbytes = global_model.nbytes()
     # Preallocated and touched. numpy asks the kernel for transparent huge pages for an
@@ -116,6 +124,12 @@ def run_benchmark(args: argparse.Namespace) -> None:
         reply = Message(ROUND_TRIP, 1, 0)
         reply.set_packed(received.packed)
         transport.send(reply)
+
+    def framework_packed_state_dict_client() -> None:
+        transport.receive_into(packed_state)
+        transport.receive()
+        transport.send(Message(ROUND_TRIP, 1, 0, tensors=packed_model.state_dict()))
+        transport.receive_into(None)
 
     def framework_state_dict_client() -> None:
         transport.receive()
@@ -158,7 +172,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
 
     cases = [
         Case("framework, echo", framework_server, framework_echo_client, args.reps, args.warmup),
-        Case("framework, state_dict reply", framework_server, framework_state_dict_client, args.reps, args.warmup),
+        Case(PACKED_REPLY, framework_server, framework_packed_state_dict_client, args.reps, args.warmup),
+        Case("framework, unpacked state_dict", framework_server, framework_state_dict_client, args.reps, args.warmup),
         Case(RAW, raw_numpy, raw_numpy, args.reps, args.warmup),
         Case("raw Send/Recv, torch-allocated", raw_torch, raw_torch, args.reps, args.warmup),
         Case("pickled comm.send (state_dict)", pickled_round_trip, pickled_round_trip, args.reps, args.warmup),
@@ -305,7 +320,7 @@ def report(cases, times, pingpong_cases, pingpong, late, idle, nbytes: int, num_
         print(f"  {name:34s} {percent:6.1f}%")
     print()
     framework = statistics.median(times["framework, echo"])
-    state_dict = statistics.median(times["framework, state_dict reply"])
+    state_dict = statistics.median(times[PACKED_REPLY])
     print(f"state_dict_reply_overhead_ratio={state_dict / raw:.3f}")
     print(f"transport_overhead_ratio={framework / raw:.3f}")
 
