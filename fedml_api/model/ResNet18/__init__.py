@@ -9,15 +9,12 @@ from fedml_api.model.ResNet18.resnet import (
 )
 from fedml_api.model.ResNet18.ResNet18ResultAggregator import ResNet18ResultAggregator
 from fedml_api.model.ResNet18.ResNet18Trainer import (
-    LR_SCHEDULES,
     ResNet18Trainer,
     augment_batch,
-    learning_rate_for_round,
     normalize_batch,
 )
 
 __all__ = [
-    "LR_SCHEDULES",
     "MODEL_NAMES",
     "ResNet18",
     "ResNet18ResultAggregator",
@@ -25,7 +22,6 @@ __all__ = [
     "add_resnet18_args",
     "augment_batch",
     "create_model",
-    "learning_rate_for_round",
     "normalize_batch",
     "torchvision_resnet18",
 ]

@@ -6,7 +6,7 @@ import argparse
 
 from fedml_api.data.datasets import IMAGE_DATASETS
 from fedml_api.model.ResNet18.resnet import MODEL_NAMES
-from fedml_api.model.ResNet18.ResNet18Trainer import LR_SCHEDULES
+from fedml_api.utils.lr_schedule import LR_SCHEDULES
 
 
 def add_resnet18_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

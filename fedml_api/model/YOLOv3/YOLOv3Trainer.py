@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from fedml_api.data.yolo_dataset import YoloDataset, collate_detections, count_yolo_images
 from fedml_api.data.yolo_transforms import DetectionAugmentation
-from fedml_api.model.ResNet18.ResNet18Trainer import learning_rate_for_round
+from fedml_api.utils.lr_schedule import learning_rate_for_round
 from fedml_api.model.YOLOv3.darknet import Darknet
 from fedml_api.model.YOLOv3.evaluation import EvaluationSettings, collect_match_stats
 from fedml_api.model.YOLOv3.loss import yolo_loss

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedml_api.model.ResNet18.ResNet18Trainer import LR_SCHEDULES
+from fedml_api.utils.lr_schedule import LR_SCHEDULES
 from fedml_api.model.YOLOv3.YOLOv3Trainer import OPTIMIZERS
 
 #: ``--model_def`` default: a file shipped in fedml_api/model/YOLOv3/cfg/.
