@@ -156,7 +156,7 @@ def main() -> None:
     for name, t in times.items():
         print(f"{name:28s} {len(t):5d} {median[name] * 1e3:10.2f} {min(t) * 1e3:10.2f} {touched / median[name] / 1e9:14.2f}")
     print(f"memcpy reference: {memcpy_name} at {memcpy_bandwidth / 1e9:.2f} GB/s (bytes copied / time)")
-    print(f"framework result matches the float64 reference (allclose rtol=1e-5, integers exact)")
+    print("framework result matches the float64 reference (allclose rtol=1e-5, integers exact)")
     print(f"framework vs FedML baseline: {median['FedML baseline (per key)'] / median['framework FedAvg (packed)']:.1f}x faster")
     print()
     print(f"aggregation_bandwidth_fraction={achieved / memcpy_bandwidth:.3f}")

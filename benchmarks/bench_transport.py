@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from mpi_relaunch import is_mpi_child, relaunch_under_mpirun

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from fedml_api.data.cifar10 import download_cifar10, load_cifar10  # noqa: E402
 from fedml_api.data.client_data import write_client_split  # noqa: E402
 from fedml_api.data.datasets import get_image_dataset_spec  # noqa: E402
 from fedml_api.data.digits import load_digits_dataset  # noqa: E402
-from fedml_api.data.partition import partition_dirichlet, partition_iid  # noqa: E402
+from fedml_api.data.partition import PARTITIONS, partition_train_and_test  # noqa: E402
 from fedml_api.data.yolo_split import (  # noqa: E402
     find_subsets,
     format_yolo_split_table,
@@ -43,7 +43,6 @@ from fedml_api.data.yolo_split import (  # noqa: E402
     split_yolo_dataset,
 )
 
-PARTITIONS = ("iid", "dirichlet")
 DOWNLOAD_DIR = "_download"
 
 
@@ -80,18 +79,9 @@ def split_image_dataset(
             f"the {dataset_name} test set has {len(test_labels)} images, too few for "
             f"{num_clients} clients to get one each"
         )
-    train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    if partition == "iid":
-        train_shares = partition_iid(train_labels, num_clients, train_rng)
-    elif partition == "dirichlet":
-        train_shares = partition_dirichlet(
-            train_labels, num_clients, alpha, train_rng, min_samples_per_client=min_client_samples
-        )
-    else:
-        raise ValueError(
-            f"unknown partition {partition!r}; expected one of {', '.join(PARTITIONS)}"
-        )
-    test_shares = partition_iid(test_labels, num_clients, test_rng)
+    train_shares, test_shares = partition_train_and_test(
+        train_labels, len(test_labels), num_clients, partition, alpha, seed, min_client_samples
+    )
     num_classes = get_image_dataset_spec(dataset_name).num_classes
     counts = []
     for client_id, (train_idx, test_idx) in enumerate(zip(train_shares, test_shares), start=1):
@@ -163,34 +153,22 @@ def split_yolo(args: argparse.Namespace) -> None:
         train_dir, test_dir = find_subsets(root, args.yolo_train, args.yolo_test)
         print(f"splitting train images {train_dir} and test images {test_dir}")
         _remove_client_dirs(args.out)
-        counts = split_yolo_dataset(
-            train_dir,
-            test_dir,
-            out=args.out,
-            num_clients=args.clients,
-            partition=args.partition,
-            alpha=args.alpha,
-            seed=args.seed,
-            min_client_samples=args.min_client_samples,
-        )
+        counts = split_yolo_dataset(train_dir, test_dir, **_partition_options(args))
     print(format_yolo_split_table(counts))
     print(f"wrote {len(counts)} clients to {args.out}")
+
+
+def _partition_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The command line's partitioning options, as every splitter takes them."""
+    return dict(out=args.out, num_clients=args.clients, partition=args.partition, alpha=args.alpha,
+                seed=args.seed, min_client_samples=args.min_client_samples)
 
 
 def _split_and_report(
     dataset_name: str, arrays: Sequence[np.ndarray], args: argparse.Namespace
 ) -> None:
     _remove_client_dirs(args.out)
-    counts = split_image_dataset(
-        dataset_name,
-        *arrays,
-        out=args.out,
-        num_clients=args.clients,
-        partition=args.partition,
-        alpha=args.alpha,
-        seed=args.seed,
-        min_client_samples=args.min_client_samples,
-    )
+    counts = split_image_dataset(dataset_name, *arrays, **_partition_options(args))
     print(format_split_table(counts))
     print(f"wrote {len(counts)} clients to {args.out}")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Set
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -83,6 +84,15 @@ def no_leftover_processes():
     _baseline = descendant_pids()
     yield
     assert_no_leftovers()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with one torch thread (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 import json
 import time
 
-import pytest
 import torch
 
 from fedml_api.distributed.fedavg.checkpoint import load_checkpoint, save_checkpoint

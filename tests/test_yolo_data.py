@@ -20,6 +20,10 @@ from fedml_api.data.yolo_dataset import (
 from fedml_api.data.yolo_split import dominant_class
 from fedml_api.data.yolo_transforms import DetectionAugmentation, letterbox
 
+# Small tensors gain nothing from more threads; on a busy machine a second one can
+# make them many times slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,16 +36,6 @@ def _import_split_script():
 
 
 split_dataset = _import_split_script()
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small tensors gain nothing from more threads, and on a busy machine a second
-    thread can make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_image(path: Path, width: int, height: int, boxes_px=(), colour=(255, 255, 255)) -> None:

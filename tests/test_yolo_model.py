@@ -21,22 +21,16 @@ from fedml_api.model.YOLOv3 import (
 from fedml_core.aggregation import ClientUpdate, FedAvg
 from fedml_core.distributed.communication.packed_tensors import PackedTensors
 
+# Small tensors gain nothing from more threads; on a busy machine a second one can
+# make them many times slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 YOLOV3 = CFG_DIR / "yolov3.cfg"
 TINY = CFG_DIR / "yolov3-tiny.cfg"
 # Sizes of the files Darknet's authors publish for these networks (20-byte header, float32s).
 YOLOV3_WEIGHTS_BYTES = 248_007_048
 TINY_WEIGHTS_BYTES = 35_434_956
 DARKNET53_CONV74_BYTES = 162_482_580
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small tensors gain nothing from more threads, and on a busy machine a second
-    thread can make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

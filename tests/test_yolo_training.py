@@ -17,6 +17,10 @@ from conftest import SHARED_DATA
 from fedml_api.data.yolo_dataset import YoloDataset, collate_detections, label_path, list_images
 from fedml_api.model.YOLOv3 import CFG_DIR, Darknet, YOLOv3ResultAggregator, YOLOv3Trainer, yolo_loss
 
+# Small tensors gain nothing from more threads; on a busy machine a second one can
+# make them many times slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 COCO128 = SHARED_DATA / "coco128.tar.gz"
 
 
@@ -28,16 +32,6 @@ def coco128(tmp_path_factory) -> Path:
     with tarfile.open(COCO128) as archive:
         archive.extractall(root, filter="data")
     return root / "coco128"
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small convolutions gain nothing from more threads, and on a busy machine a second
-    thread can make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def copy_images(coco128: Path, subset: str, count: int, destination: Path) -> Path:

@@ -6,9 +6,12 @@ so the same seed always produces the same clients.
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import numpy as np
+
+#: Ways of sharing a train set among clients (``--partition``).
+PARTITIONS = ("iid", "dirichlet")
 
 
 def partition_iid(
@@ -113,3 +116,28 @@ def _check_num_clients(num_clients: int, num_samples: int) -> None:
             f"num_clients must be between 1 and the number of samples ({num_samples}), "
             f"got {num_clients}"
         )
+
+
+def partition_train_and_test(
+    train_labels: np.ndarray,
+    num_test: int,
+    num_clients: int,
+    partition: str,
+    alpha: float,
+    seed: int,
+    min_samples_per_client: int = 1,
+) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    """Every client's train and test sample indices.
+
+    The train set is shared by ``partition`` (``"iid"``, or ``"dirichlet"`` label skew
+    with concentration ``alpha``) of ``train_labels``; the ``num_test`` test samples are
+    shared IID. Both draws come from independent generators spawned from ``seed``.
+    """
+    train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    if partition == "iid":
+        train_shares = partition_iid(train_labels, num_clients, train_rng)
+    elif partition == "dirichlet":
+        train_shares = partition_dirichlet(train_labels, num_clients, alpha, train_rng, min_samples_per_client=min_samples_per_client)
+    else:
+        raise ValueError(f"unknown partition {partition!r}; expected one of {', '.join(PARTITIONS)}")
+    return train_shares, partition_iid(np.zeros(num_test, dtype=np.int64), num_clients, test_rng)

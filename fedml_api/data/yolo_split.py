@@ -27,12 +27,11 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import yaml
 
-from fedml_api.data.partition import partition_dirichlet, partition_iid
+from fedml_api.data.partition import partition_train_and_test
 from fedml_api.data.yolo_dataset import label_path, list_images, read_labels
 
 PathLike = Union[str, os.PathLike]
 
-PARTITIONS = ("iid", "dirichlet")
 #: Label of an image without objects for the class-skewed partition.
 NO_OBJECT = -1
 
@@ -125,7 +124,7 @@ def split_yolo_dataset(
     ``partition="iid"`` deals the training images out uniformly at random;
     ``"dirichlet"`` skews the clients' classes: each image is labelled with its
     :func:`dominant_class` and every class's images are spread over the clients in
-    Dirichlet(``alpha``) proportions (see :func:`partition_dirichlet`). Test images are
+    Dirichlet(``alpha``) proportions (see :func:`fedml_api.data.partition.partition_dirichlet`). Test images are
     always an IID share of ``test_dir``, so together the clients test on all of it. The
     train and test shares draw from independent random streams of ``seed``.
     """
@@ -138,17 +137,10 @@ def split_yolo_dataset(
             )
     train_labels = [read_labels(label_path(p)) for p in train_images]
     test_labels = [read_labels(label_path(p)) for p in test_images]
-    train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     dominant = np.array([dominant_class(labels) for labels in train_labels], dtype=np.int64)
-    if partition == "iid":
-        train_shares = partition_iid(dominant, num_clients, train_rng)
-    elif partition == "dirichlet":
-        train_shares = partition_dirichlet(
-            dominant, num_clients, alpha, train_rng, min_samples_per_client=min_client_samples
-        )
-    else:
-        raise ValueError(f"unknown partition {partition!r}; expected one of {', '.join(PARTITIONS)}")
-    test_shares = partition_iid(np.zeros(len(test_images)), num_clients, test_rng)
+    train_shares, test_shares = partition_train_and_test(
+        dominant, len(test_images), num_clients, partition, alpha, seed, min_client_samples
+    )
     counts = []
     for client_id, (train_idx, test_idx) in enumerate(zip(train_shares, test_shares), start=1):
         client_dir = out / str(client_id)

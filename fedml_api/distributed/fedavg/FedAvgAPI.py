@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import logging
 from argparse import Namespace
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 from fedml_core.distributed.communication.transport import Transport
 from fedml_core.trainer.model_trainer import ModelTrainer
