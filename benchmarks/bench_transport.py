@@ -299,7 +299,7 @@ def report(cases, times, pingpong_cases, pingpong, late, idle, nbytes: int, num_
 
     raw = statistics.median(times[RAW])
     print(f"MpiTransport round trip 0 -> 1 -> 0 of ResNet18(width=64): {num_tensors} tensors, {nbytes:,} bytes "
-          f"({nbytes / 1e6:.1f} MB); {MPI.Get_library_version().splitlines()[0]}")
+          f"({nbytes / 1e6:.1f} MB); {MPI.Get_library_version().splitlines()[0].rstrip(chr(0))}")
     print(f"{'case':36s} {'reps':>5s} {'median ms':>10s} {'min ms':>10s} {'x raw':>8s}")
     for case in cases:
         t = times[case.name]

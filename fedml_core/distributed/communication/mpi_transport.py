@@ -242,6 +242,7 @@ class MpiTransport(Transport):
                 delay = min(delay * 2, self.max_poll_interval)
         return True
 
+
 class _Layout(NamedTuple):
     """A tensor layout a peer announced: its ``(name, dtype, shape)`` entries, planned."""
 

@@ -80,7 +80,7 @@ class PackedTensors:
         """Allocate (uninitialised) buffers for the given ``(name, dtype, shape)`` entries.
 
         All groups are carved out of one uint8 buffer of ``allocate(nbytes)`` bytes
-        (default: a fresh ``torch.empty``), each group starting on a 64-byte boundary.
+        (default: :func:`allocate_bytes`), each group starting on a 64-byte boundary.
         """
         return cls.empty(*plan_layout(entries), allocate=allocate)
 
