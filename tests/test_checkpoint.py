@@ -62,3 +62,12 @@ def test_a_failed_write_is_raised_to_the_caller(tmp_path):
     writer.submit(lambda: _checkpoint(0, _state()))
     with pytest.raises(RuntimeError, match="could not write the checkpoint in .*missing/run: .*No such file"):
         writer.close()
+
+
+def test_a_file_that_is_not_a_checkpoint_or_of_another_format_is_refused_by_name(tmp_path):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match="weights.pt is not a checkpoint of this framework"):
+        load_checkpoint(str(tmp_path / "weights.pt"))
+    torch.save({"format": 1, "round_idx": 0}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="old.pt has checkpoint format 1; this version reads format 2"):
+        load_checkpoint(str(tmp_path / "old.pt"))

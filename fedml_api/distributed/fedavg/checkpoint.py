@@ -164,8 +164,10 @@ def load_checkpoint(path: str) -> ServerCheckpoint:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path} (expected a run directory holding {CHECKPOINT_NAME}, or the file itself)")
     raw = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:
-        raise ValueError(f"--resume: {path} is not a checkpoint of this framework (format {FORMAT_VERSION})")
+    if not isinstance(raw, dict) or "format" not in raw:
+        raise ValueError(f"--resume: {path} is not a checkpoint of this framework")
+    if raw["format"] != FORMAT_VERSION:
+        raise ValueError(f"--resume: {path} has checkpoint format {raw['format']}; this version reads format {FORMAT_VERSION}")
     raw.pop("format")
     raw["global_model"] = _unpacked_model(raw["global_model"], path)
     return ServerCheckpoint(**raw)
