@@ -45,6 +45,15 @@ def test_non_finite_or_misshapen_updates_are_rejected_and_the_round_goes_on(tmp_
     assert all(torch.isfinite(t.double()).all() for t in final.values())
 
 
+def test_when_rejected_updates_leave_too_few_the_run_stops_and_the_round_is_not_checkpointed(tmp_path):
+    _, run_dir, errors = run_federation(tmp_path, clients=2, per_round=2, rounds=2,
+                                        extra=["--min_clients_per_round", "2"], trainer_factory=PoisoningTrainer)
+    assert list(errors) == [0] and isinstance(errors[0], SystemExit)
+    assert "round 0: 1 usable updates, fewer than --min_clients_per_round=2" in str(errors[0].code)
+    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "final_model.pt").exists()
+    assert "rejected the update of client 2: tensor '0.weight' holds NaN or Inf values" in (run_dir / "server.log").read_text()
+
+
 class SlowTrainer(TinyTrainer):
     """Every round takes 0.3 s; client 2 takes 2.5 s in round 0 (misses a 1 s round timeout)."""
 
