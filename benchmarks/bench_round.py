@@ -1,10 +1,11 @@
 """One FedAvg round (5 clients, ResNet18 width 64, no training) against raw MPI.
 
-    .venv/bin/python benchmarks/bench_round.py [--rounds 8] [--blocks 4]
+    .venv/bin/python benchmarks/bench_round.py [--rounds 8] [--blocks 4] [--clients 5] [--checkpoint_every 1]
 
 The script re-executes itself under ``mpirun -np 6`` (the ``mpirun`` next to
 ``sys.executable``): rank 0 is the server, ranks 1..5 the clients, each rank limited to
-the torch threads ``init_training_device`` gives it, as in a real run.
+the torch threads ``init_training_device`` gives it, as in a real run. (``--clients N``
+runs N clients on N + 1 ranks instead; the description below says 5.)
 
 Framework: ``FedML_FedAvg_distributed`` with the real FedAVGServerManager and
 FedAVGClientManager over MpiTransport, 5 clients all sampled every round, and a
@@ -57,7 +58,6 @@ from argparse import Namespace
 from mpi_relaunch import is_mpi_child, relaunch_under_mpirun
 from typing import Any, Dict, List, Tuple
 
-NUM_CLIENTS = 5
 RAW_TAG = 99
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
@@ -67,21 +67,23 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8, help="rounds per framework run (the first and last are not timed)")
     parser.add_argument("--blocks", type=int, default=4, help="framework runs, each followed by as many raw repetitions")
+    parser.add_argument("--clients", type=int, default=5, help="clients, all sampled every round (the target is stated for 5)")
+    parser.add_argument("--checkpoint_every", type=int, default=1, help="the run's --checkpoint_every (1: a checkpoint every round, the default)")
     args = parser.parse_args()
     if args.rounds < 4:
         parser.error("--rounds must be at least 4: the first and last rounds of a run are not timed")
     return args
 
 
-def federation_args(rounds: int, run_dir: str) -> Namespace:
-    """The run's arguments as main_fedavg.py would parse them: all 5 clients every round,
+def federation_args(clients: int, rounds: int, checkpoint_every: int, run_dir: str) -> Namespace:
+    """The run's arguments as main_fedavg.py would parse them: every client every round,
     no test round but the last (which always tests), nothing written outside ``run_dir``."""
     from fedml_api.distributed.fedavg.args import add_federation_args
 
     return add_federation_args(argparse.ArgumentParser()).parse_args([
-        "--client_num_in_total", str(NUM_CLIENTS), "--client_num_per_round", str(NUM_CLIENTS),
+        "--client_num_in_total", str(clients), "--client_num_per_round", str(clients),
         "--comm_round", str(rounds), "--frequency_of_the_test", str(10**9),
-        "--data_path", os.devnull, "--run_dir", run_dir, "--wandb_mode", "disabled",
+        "--data_path", os.devnull, "--run_dir", run_dir, "--wandb_mode", "disabled", "--checkpoint_every", str(checkpoint_every),
     ])
 
 
@@ -139,7 +141,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
 
     # -- raw MPI: the same bytes, the same pattern, nothing else ------------------------
     raw_out = np.ones(-(-nbytes // 4), dtype=np.float32)
-    raw_in = [np.ones_like(raw_out) for _ in range(NUM_CLIENTS if rank == 0 else 1)]
+    raw_in = [np.ones_like(raw_out) for _ in range(size - 1 if rank == 0 else 1)]
 
     def raw_round(concurrent: bool) -> None:
         if rank == 0:
@@ -154,14 +156,14 @@ def run_benchmark(args: argparse.Namespace) -> None:
             comm.Recv([raw_in[0], MPI.FLOAT], 0, RAW_TAG)
             comm.Send([raw_out, MPI.FLOAT], 0, RAW_TAG)
 
-    raw_cases = {"raw MPI, 5 Isends at once": True, "raw MPI, 5 Sends in turn": False}
+    raw_cases = {"raw MPI, all Isends at once": True, "raw MPI, Sends in turn": False}
     raw_times: Dict[str, List[float]] = {name: [] for name in raw_cases}
     records: List[Dict[str, Any]] = []
     periods: List[float] = []
     cpu_per_round: List[float] = []  # this rank's, one per block
     raw_cpu = 0.0  # this rank's, over the timed repetitions of the reference case
     for block in range(args.blocks):
-        run_args = federation_args(args.rounds, os.path.join(work_dir, f"block{block}"))
+        run_args = federation_args(size - 1, args.rounds, args.checkpoint_every, os.path.join(work_dir, f"block{block}"))
         trainer = NoTraining(model)
         transport = CpuMarkingTransport(comm)
         comm.Barrier()
@@ -202,9 +204,10 @@ def report(periods: List[float], records: List[Dict[str, Any]], raw_times: Dict[
     round_seconds = [r["round_seconds"] for r in records]
     raw_name = min(raw_times, key=lambda name: statistics.median(raw_times[name]))
     raw = statistics.median(raw_times[raw_name])
-    print(f"One FedAvg round, {NUM_CLIENTS} clients, ResNet18(width=64) = {nbytes:,} bytes per message, "
-          f"{2 * NUM_CLIENTS} messages ({2 * NUM_CLIENTS * nbytes / 1e6:.0f} MB) per round; "
-          f"{NUM_CLIENTS + 1} ranks, {threads} torch thread(s) each")
+    clients = len(cpu) - 1
+    print(f"One FedAvg round, {clients} clients, ResNet18(width=64) = {nbytes:,} bytes per message, "
+          f"{2 * clients} messages ({2 * clients * nbytes / 1e6:.0f} MB) per round; "
+          f"{clients + 1} ranks, {threads} torch thread(s) each")
     print(f"{'':50s} {'n':>4s} {'median ms':>10s} {'min ms':>10s} {'mean ms':>10s}")
     print(row("framework round, full period (train() to train())", periods))
     print(row("  server's round_seconds (first send -> aggregated)", round_seconds))
@@ -216,7 +219,7 @@ def report(periods: List[float], records: List[Dict[str, Any]], raw_times: Dict[
     print(f"CPU time per round, all {len(cpu)} ranks together (user + system, every thread; medians over runs):")
     print(f"  framework {framework_cpu * 1e3:7.1f} ms (server {cpu[0][0] * 1e3:.1f} ms, clients "
           f"{', '.join(f'{c * 1e3:.1f}' for c, _ in cpu[1:])} ms)")
-    print(f"  raw MPI, 5 Isends at once {raw_cpu * 1e3:7.1f} ms")
+    print(f"  raw MPI, all Isends at once {raw_cpu * 1e3:7.1f} ms")
     print()
     print(f"round_overhead_ratio={statistics.median(periods) / raw:.3f}")
 
@@ -224,7 +227,7 @@ def report(periods: List[float], records: List[Dict[str, Any]], raw_times: Dict[
 if __name__ == "__main__":
     options = parse_args()
     if not is_mpi_child():
-        sys.exit(relaunch_under_mpirun(NUM_CLIENTS + 1, __file__))
+        sys.exit(relaunch_under_mpirun(options.clients + 1, __file__))
     try:
         run_benchmark(options)
     except BaseException:  # one failed rank must not leave the others waiting forever

@@ -54,6 +54,21 @@ def test_when_rejected_updates_leave_too_few_the_run_stops_and_the_round_is_not_
     assert "rejected the update of client 2: tensor '0.weight' holds NaN or Inf values" in (run_dir / "server.log").read_text()
 
 
+def test_checkpoint_every_n_rounds_keeps_the_last_multiple_of_n_and_always_the_final_round(tmp_path):
+    import fedml_api.distributed.fedavg.FedAvgServerManager as server_manager
+
+    written = []
+    submit = server_manager.CheckpointWriter.submit
+    server_manager.CheckpointWriter.submit = lambda self, make: (written.append(make().round_idx), submit(self, make))
+    try:
+        _, run_dir, errors = run_federation(tmp_path, clients=2, per_round=2, rounds=5, extra=["--checkpoint_every", "2"])
+    finally:
+        server_manager.CheckpointWriter.submit = submit
+    assert not errors
+    assert written == [1, 3, 4]  # after rounds 2 and 4 (1-based), and the last
+    assert load_checkpoint(str(run_dir)).round_idx == 4
+
+
 class SlowTrainer(TinyTrainer):
     """Every round takes 0.3 s; client 2 takes 2.5 s in round 0 (misses a 1 s round timeout)."""
 

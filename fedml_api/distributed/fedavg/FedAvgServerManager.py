@@ -30,8 +30,9 @@ class FedAVGServerManager(ServerManager):
     Each round: send the global model to the sampled clients, aggregate their replies,
     and on test rounds (every ``args.frequency_of_the_test`` rounds and after the
     last one) have every client test the new model and combine the metrics. After every
-    round a checkpoint is written (in the background; the last one is on disk before
-    the run ends, whether it completes or stops).
+    round (every ``args.checkpoint_every`` rounds, and after the last) a checkpoint is
+    written, in the background; the last one is on disk before the run ends, whether it
+    completes or stops.
 
     Failures: a client that dies (reported by the transport), does not answer within
     ``args.round_timeout`` seconds, or cannot be sent to, is marked failed and left out
@@ -43,7 +44,7 @@ class FedAVGServerManager(ServerManager):
     round goes on without it.
 
     Args:
-        args: needs ``comm_round``, ``frequency_of_the_test``, ``client_num_in_total``,
+        args: needs ``comm_round``, ``frequency_of_the_test``, ``checkpoint_every``, ``client_num_in_total``,
             ``client_num_per_round``, ``round_timeout`` (None: wait forever),
             ``min_clients_per_round``, ``run_dir``.
         aggregator: the server's :class:`FedAVGAggregator`.
@@ -279,6 +280,15 @@ class FedAVGServerManager(ServerManager):
             self._record["failed_clients"] = sorted(self.failed)
         self.recorder.log_round(self._record)
         self._record = {}
+        if (self.round_idx + 1) % self.args.checkpoint_every == 0 or self.round_idx == self.round_num - 1:
+            self._checkpoint()
+        self.round_idx += 1
+        if self.round_idx < self.round_num:
+            self._start_round()
+        else:
+            self._finish_run()
+
+    def _checkpoint(self) -> None:
         # Written in the background from what the round left: the aggregate is never
         # modified (the next one is built in other memory) and is written from where it
         # is; the rest is copied now.
@@ -286,11 +296,6 @@ class FedAVGServerManager(ServerManager):
         self.checkpoints.submit(lambda: ServerCheckpoint(
             round_idx=round_idx, global_model=model.tensors(), failed_clients=failed, records=records, seed=self.args.seed,
         ))
-        self.round_idx += 1
-        if self.round_idx < self.round_num:
-            self._start_round()
-        else:
-            self._finish_run()
 
     def _finish_run(self) -> None:
         self._release_clients()

@@ -26,6 +26,9 @@ def add_federation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="seconds the server waits for the clients to start (load torch and their data) before round 1; late ones are marked failed")
     group.add_argument("--min_clients_per_round", type=float, default=None,
                        help="fewest usable updates a round needs, as a count or a fraction (0-1) of WORKER_NUM; fewer stops the run (default: 1)")
+    group.add_argument("--checkpoint_every", type=int, default=1,
+                       help="write the checkpoint every N rounds (and always after the last); 1: every round. "
+                            "Larger N saves the time of writing the model when rounds are short, and loses up to N-1 rounds on a crash")
     group.add_argument("--resume", type=str, default=None,
                        help="continue from a checkpoint: a run directory or its checkpoint.pt")
     group.add_argument("--max_buffered_updates", type=int, default=None,
@@ -35,7 +38,7 @@ def add_federation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def check_federation_args(args: argparse.Namespace) -> None:
     """Raise ValueError naming the first inconsistent federation argument."""
-    for name in ("client_num_in_total", "client_num_per_round", "comm_round", "frequency_of_the_test"):
+    for name in ("client_num_in_total", "client_num_per_round", "comm_round", "frequency_of_the_test", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.client_num_per_round > args.client_num_in_total:
