@@ -1,8 +1,12 @@
 """The server's checkpoint: bit-exact on disk, written in the background, never lost."""
 import time
 
+import numpy as np
 import pytest
 import torch
+
+import fedml_api.utils.durable_file as durable_file_module
+from fedml_api.utils.durable_file import DirectFile, durable_file
 
 from fedml_api.distributed.fedavg.checkpoint import CheckpointWriter, ServerCheckpoint, load_checkpoint, save_checkpoint
 from fedml_core.distributed.communication.packed_tensors import PackedTensors
@@ -71,3 +75,18 @@ def test_a_file_that_is_not_a_checkpoint_or_of_another_format_is_refused_by_name
     torch.save({"format": 1, "round_idx": 0}, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="old.pt has checkpoint format 1; this version reads format 2"):
         load_checkpoint(str(tmp_path / "old.pt"))
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "page cache"])
+def test_a_durable_file_holds_exactly_the_bytes_written(tmp_path, monkeypatch, direct):
+    if not direct:
+        monkeypatch.setattr(durable_file_module, "_O_DIRECT", 0)  # as on a platform without it
+    # Pieces of awkward sizes: more than one staging buffer, and an unaligned tail.
+    pieces = [b"header", bytes(range(256)) * 8193, np.arange(300_001, dtype=np.float32).tobytes(), b"", b"tail"]
+    path = tmp_path / "file.bin"
+    with durable_file(str(path)) as f:
+        if direct and not isinstance(f, DirectFile):
+            pytest.skip(f"{tmp_path}'s filesystem has no O_DIRECT")
+        for piece in pieces:
+            assert f.write(memoryview(piece)) == len(piece)
+    assert path.read_bytes() == b"".join(pieces)

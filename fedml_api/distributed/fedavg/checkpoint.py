@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 from torch.utils.serialization import config as serialization_config
 
+from fedml_api.utils.durable_file import durable_file
 from fedml_core.distributed.communication.packed_tensors import PackedTensors, byte_view, dtype_from_name, dtype_name, plan_layout
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -54,10 +55,8 @@ def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint) -> str:
     fields = {**vars(checkpoint), "global_model": _packed_model(checkpoint.global_model)}
     # No zip CRC32: it would double the CPU time of every checkpoint, and the atomic
     # write + fsync + rename already guarantees a whole file.
-    with open(temporary, "wb") as f, serialization_config.patch({"save.compute_crc32": False}):
+    with durable_file(temporary) as f, serialization_config.patch({"save.compute_crc32": False}):
         torch.save({"format": FORMAT_VERSION, **fields}, f)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(temporary, path)
     directory = os.open(run_dir, os.O_RDONLY)
     try:
@@ -152,6 +151,9 @@ class CheckpointWriter:
                 with self._changed:
                     self._error = error
             finally:
+                # Let go of the written model now, not at the next checkpoint: the server
+                # recycles a model's memory once nothing references it.
+                make_checkpoint = None
                 with self._changed:
                     self._writing = False
                     self._changed.notify_all()

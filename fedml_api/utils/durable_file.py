@@ -1,0 +1,97 @@
+"""Writing a large file to disk, durably and with little CPU.
+
+A checkpoint rewrites the whole model every round and is read back only on resume.
+Through the page cache that costs the writer a kernel copy of every byte plus page
+allocation, and the kernel's writeback threads more CPU later: on a 2-core machine
+running a federation, about 15-20 ms per 44.7 MB ResNet18. With ``O_DIRECT`` the data
+goes from a small aligned staging buffer straight to the device: about 6 ms.
+"""
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from typing import BinaryIO, Iterator, Union
+
+# O_DIRECT needs file offsets, lengths and memory aligned to the device's logical block
+# size; 4 KiB covers the usual 512-byte and 4 KiB ones.
+_ALIGN = 4096
+_STAGING_BYTES = 1 << 20
+# 0 where the platform has no O_DIRECT (then files are written through the page cache).
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class DirectFile:
+    """A write-only binary file on a descriptor opened with ``O_DIRECT``.
+
+    ``write`` copies into a page-aligned staging buffer and writes it out whenever it is
+    full; :meth:`close` writes the rest zero-padded to the alignment, truncates the
+    file to the bytes written, and fsyncs it.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._staging = mmap.mmap(-1, _STAGING_BYTES)  # anonymous maps are page-aligned
+        self._view = memoryview(self._staging)
+        self._filled = 0
+        self._written = 0
+
+    def write(self, data: Union[bytes, bytearray, memoryview]) -> int:
+        data = memoryview(data).cast("B")
+        done = 0
+        while done < len(data):
+            count = min(len(data) - done, _STAGING_BYTES - self._filled)
+            self._view[self._filled:self._filled + count] = data[done:done + count]
+            self._filled += count
+            done += count
+            if self._filled == _STAGING_BYTES:
+                _write_all(self._fd, self._view)
+                self._filled = 0
+        self._written += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing to do: the data reaches the device in :meth:`close`."""
+
+    def close(self) -> None:
+        if self._filled:
+            padded = -(-self._filled // _ALIGN) * _ALIGN
+            self._view[self._filled:padded] = bytes(padded - self._filled)
+            _write_all(self._fd, self._view[:padded])
+        os.ftruncate(self._fd, self._written)
+        os.fsync(self._fd)
+        self._view.release()
+        self._staging.close()
+        os.close(self._fd)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while len(data):
+        data = data[os.write(fd, data):]
+
+
+@contextlib.contextmanager
+def durable_file(path: str) -> Iterator[BinaryIO]:
+    """Open ``path`` for writing (created or truncated); when the block exits normally,
+    every byte written is on the disk (fsync'ed).
+
+    Bypasses the page cache (``O_DIRECT``) where the filesystem allows it, and writes
+    through it elsewhere (e.g. an older tmpfs).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_DIRECT, 0o644) if _O_DIRECT else None
+    except OSError:  # EINVAL: this filesystem has no O_DIRECT
+        fd = None
+    if fd is None:
+        with open(path, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    writer = DirectFile(fd)
+    try:
+        yield writer
+    except BaseException:
+        os.close(fd)
+        raise
+    writer.close()
