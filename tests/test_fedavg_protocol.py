@@ -87,3 +87,34 @@ def test_client_count_must_match_the_process_count(tmp_path):
     with pytest.raises(ValueError, match="5 processes run, which means 4 clients, but --client_num_in_total is 3"):
         FedML_FedAvg_distributed(0, 5, torch.device("cpu"), None, make_model(), args, "", "",
                                  WeightedMeanResultAggregator(), TinyTrainer(make_model()))
+
+
+class RelocatingTrainer(TinyTrainer):
+    """Trains like TinyTrainer, then leaves its weights in new memory, as training on a
+    GPU does: the trained state no longer lives in the client's packed memory."""
+
+    def train(self, device, args, train_path):
+        super().train(device, args, train_path)
+        self.model.double().float()  # exact for float32 values; new storage
+
+
+def test_a_state_trained_outside_the_packed_memory_is_still_sent_packed_and_aggregated_alike(tmp_path, monkeypatch):
+    from fedml_api.distributed.fedavg.message_define import MyMessage
+    from fedml_core.distributed.communication.inprocess_transport import InProcessTransport
+
+    _, plain_run, errors = run_federation(tmp_path / "plain", rounds=2)
+    assert not errors
+    replies = []
+    send = InProcessTransport.send
+
+    def spying_send(self, message, timeout=None):
+        if message.msg_type == MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER:
+            replies.append(message.packed is not None)
+        return send(self, message, timeout)
+
+    monkeypatch.setattr(InProcessTransport, "send", spying_send)
+    _, relocated_run, errors = run_federation(tmp_path / "relocated", rounds=2, trainer_factory=RelocatingTrainer)
+    assert not errors
+    assert replies == [True] * 4  # 2 rounds x 2 clients, each reply one buffer per dtype
+    plain, relocated = torch.load(plain_run / "final_model.pt"), torch.load(relocated_run / "final_model.pt")
+    assert all(torch.equal(plain[key], relocated[key]) for key in plain)

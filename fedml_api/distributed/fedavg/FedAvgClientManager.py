@@ -6,7 +6,7 @@ from argparse import Namespace
 
 from fedml_core.distributed.client.client_manager import ClientManager
 from fedml_core.distributed.communication.message import Message
-from fedml_core.distributed.communication.packed_tensors import pack_module
+from fedml_core.distributed.communication.packed_tensors import PackedTensors, pack_module
 from fedml_core.distributed.communication.transport import Transport
 
 from .FedAVGTrainer import FedAVGTrainer
@@ -22,9 +22,9 @@ class FedAVGClientManager(ClientManager):
         # Every model this client receives is loaded into its model at once: with the
         # model packed, it arrives in the model's own memory (loading it copies nothing)
         # and the trained state goes back as one buffer per dtype.
-        model_state = pack_module(trainer.trainer.model)
-        if model_state is not None:
-            transport.receive_into(model_state)
+        self.model_state = pack_module(trainer.trainer.model)
+        if self.model_state is not None:
+            transport.receive_into(self.model_state)
 
     def register_message_receive_handlers(self) -> None:
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT, self.handle_message_receive_model_from_server)
@@ -42,10 +42,26 @@ class FedAVGClientManager(ClientManager):
         params, num_samples, seconds = self.trainer.train(round_idx)
         logging.info("client %d: round %d trained on %d samples in %.2f s", self.rank, round_idx, num_samples, seconds)
         reply = Message(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, self.rank, 0, tensors=params)
+        self._pack_reply(reply)
         reply.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
         reply.add_params(MyMessage.MSG_ARG_KEY_NUM_SAMPLES, num_samples)
         reply.add_params(MyMessage.MSG_ARG_KEY_TRAIN_SECONDS, seconds)
         self.send_message(reply)
+
+    def _pack_reply(self, reply: Message) -> None:
+        """Send the trained state as one buffer per dtype even when it no longer lives in
+        the packed memory (e.g. the model was trained on a GPU, or the trainer returns
+        copies): copy it there, instead of sending one message per tensor. The packed
+        memory may be overwritten: the next model is received into it anyway."""
+        state = self.model_state
+        params = reply.tensors
+        if state is None or PackedTensors.from_views(params) is not None:
+            return  # not packable, or already the packed memory itself
+        if [(name, t.dtype, tuple(t.shape)) for name, t in params.items()] != list(state.layout_key()):
+            return  # the trainer returns another set of tensors: send them as they are
+        for spec in state.specs:
+            state.view(spec).copy_(params[spec.name])
+        reply.set_packed(state)
 
     def handle_message_test_model_on_client(self, msg: Message) -> None:
         round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
