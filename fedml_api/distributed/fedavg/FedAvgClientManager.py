@@ -49,19 +49,20 @@ class FedAVGClientManager(ClientManager):
         self.send_message(reply)
 
     def _pack_reply(self, reply: Message) -> None:
-        """Send the trained state as one buffer per dtype even when it no longer lives in
-        the packed memory (e.g. the model was trained on a GPU, or the trainer returns
-        copies): copy it there, instead of sending one message per tensor. The packed
+        """Send the trained state as one buffer per dtype: the packed memory itself when
+        the state lives there, else (e.g. the model was trained on a GPU, or the trainer
+        returns copies) a copy into it, instead of one message per tensor. The packed
         memory may be overwritten: the next model is received into it anyway."""
-        state = self.model_state
         params = reply.tensors
-        if state is None or PackedTensors.from_views(params) is not None:
-            return  # not packable, or already the packed memory itself
-        if [(name, t.dtype, tuple(t.shape)) for name, t in params.items()] != list(state.layout_key()):
-            return  # the trainer returns another set of tensors: send them as they are
-        for spec in state.specs:
-            state.view(spec).copy_(params[spec.name])
-        reply.set_packed(state)
+        packed = PackedTensors.from_views(params)
+        state = self.model_state
+        if packed is None and state is not None and \
+                [(name, t.dtype, tuple(t.shape)) for name, t in params.items()] == list(state.layout_key()):
+            for spec in state.specs:
+                state.view(spec).copy_(params[spec.name])
+            packed = state
+        if packed is not None:  # else: another set of tensors than the model's; sent as they are
+            reply.set_packed(packed)
 
     def handle_message_test_model_on_client(self, msg: Message) -> None:
         round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
