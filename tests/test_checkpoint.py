@@ -1,4 +1,6 @@
 """The server's checkpoint: bit-exact on disk, written in the background, never lost."""
+import errno
+import fcntl
 import time
 
 import numpy as np
@@ -90,3 +92,22 @@ def test_a_durable_file_holds_exactly_the_bytes_written(tmp_path, monkeypatch, d
         for piece in pieces:
             assert f.write(memoryview(piece)) == len(piece)
     assert path.read_bytes() == b"".join(pieces)
+
+
+def test_a_filesystem_refusing_a_direct_write_gets_the_file_through_the_page_cache(tmp_path, monkeypatch):
+    refused = []
+    write = durable_file_module.os.write
+
+    def refuse_direct_writes(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & durable_file_module._O_DIRECT:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return write(fd, data)
+
+    monkeypatch.setattr(durable_file_module.os, "write", refuse_direct_writes)
+    data = bytes(range(256)) * 5000
+    with durable_file(str(tmp_path / "file.bin")) as f:
+        if not isinstance(f, DirectFile):
+            pytest.skip(f"{tmp_path}'s filesystem has no O_DIRECT")
+        f.write(data)
+    assert refused and (tmp_path / "file.bin").read_bytes() == data

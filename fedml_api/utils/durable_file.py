@@ -9,6 +9,8 @@ goes from a small aligned staging buffer straight to the device: about 6 ms.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import mmap
 import os
 from typing import BinaryIO, Iterator, Union
@@ -26,7 +28,8 @@ class DirectFile:
 
     ``write`` copies into a page-aligned staging buffer and writes it out whenever it is
     full; :meth:`close` writes the rest zero-padded to the alignment, truncates the
-    file to the bytes written, and fsyncs it.
+    file to the bytes written, and fsyncs it. If the filesystem refuses a direct write
+    (it needs a larger alignment), the file goes on through the page cache.
     """
 
     def __init__(self, fd: int) -> None:
@@ -45,10 +48,20 @@ class DirectFile:
             self._filled += count
             done += count
             if self._filled == _STAGING_BYTES:
-                _write_all(self._fd, self._view)
+                self._write_all(self._view)
                 self._filled = 0
         self._written += len(data)
         return len(data)
+
+    def _write_all(self, data: memoryview) -> None:
+        while len(data):
+            try:
+                data = data[os.write(self._fd, data):]
+            except OSError as error:
+                flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                if error.errno != errno.EINVAL or not flags & _O_DIRECT:
+                    raise
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~_O_DIRECT)  # then retry, buffered
 
     def flush(self) -> None:
         """Nothing to do: the data reaches the device in :meth:`close`."""
@@ -57,7 +70,7 @@ class DirectFile:
         if self._filled:
             padded = -(-self._filled // _ALIGN) * _ALIGN
             self._view[self._filled:padded] = bytes(padded - self._filled)
-            _write_all(self._fd, self._view[:padded])
+            self._write_all(self._view[:padded])
         os.ftruncate(self._fd, self._written)
         os.fsync(self._fd)
         self._view.release()
@@ -65,9 +78,6 @@ class DirectFile:
         os.close(self._fd)
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while len(data):
-        data = data[os.write(fd, data):]
 
 
 @contextlib.contextmanager
