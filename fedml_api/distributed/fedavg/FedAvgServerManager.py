@@ -40,8 +40,7 @@ class FedAVGServerManager(ServerManager):
     at least ``min_clients`` of them, else the run stops with :class:`FederationError`.
     A failed client that later sends anything is known to be back and may be sampled
     again. An update with the wrong tensors (on arrival) or non-finite values (while
-    aggregating) is rejected and the
-    round goes on without it.
+    aggregating) is rejected and the round goes on without it.
 
     Args:
         args: needs ``comm_round``, ``frequency_of_the_test``, ``checkpoint_every``, ``client_num_in_total``,
@@ -158,7 +157,7 @@ class FedAVGServerManager(ServerManager):
         updates_in = time.perf_counter()
         try:
             rejected = self.aggregator.aggregate()
-        except ValueError as error:  # every update rejected, or their sum overflowed
+        except ValueError as error:  # every update rejected
             raise FederationError(f"round {self.round_idx}: cannot aggregate: {error}") from None
         for client_id, reason in sorted(rejected.items()):
             self._reject_update(client_id, reason)

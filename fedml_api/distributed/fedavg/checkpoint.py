@@ -1,10 +1,10 @@
 """The server's checkpoint: everything needed to continue a run after its last round.
 
-Written after every round as ``<run_dir>/checkpoint.pt``, atomically (written to a
-temporary file, flushed to disk, then renamed over the old one), so a crash at any
-moment leaves either the previous or the new checkpoint, never a partial file. The
-server writes them in the background (:class:`CheckpointWriter`): the next round does
-not wait for the disk.
+Written after every round (every ``--checkpoint_every`` rounds) as
+``<run_dir>/checkpoint.pt``, atomically (written to a temporary file, flushed to disk,
+then renamed over the old one), so a crash at any moment leaves either the previous or
+the new checkpoint, never a partial file. The server writes them in the background
+(:class:`CheckpointWriter`): the next round does not wait for the disk.
 """
 from __future__ import annotations
 
