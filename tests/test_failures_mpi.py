@@ -136,4 +136,9 @@ def test_soak_300_rounds_with_8_ranks_holds_memory_threads_and_files_steady(expe
     assert len(server) == 300
     at_30, at_300 = server[29], server[299]
     assert at_300["rss_mib"] <= 1.10 * at_30["rss_mib"], (at_30, at_300)
-    assert at_300["threads"] <= at_30["threads"] and at_300["open_files"] <= at_30["open_files"], (at_30, at_300)
+    # The checkpoint writer holds a file open while it writes, so one sample can
+    # catch a descriptor that is gone a moment later; a leak raises the floor.
+    early, late = server[20:40], server[280:300]
+    for resource in ("threads", "open_files"):
+        floor_early, floor_late = min(r[resource] for r in early), min(r[resource] for r in late)
+        assert floor_late <= floor_early, (resource, floor_early, floor_late)
