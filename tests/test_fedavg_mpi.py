@@ -10,10 +10,10 @@ TINY_MAIN = str(Path(__file__).parent / "programs" / "tiny_main.py")
 CLIENTS, PER_ROUND, ROUNDS = 4, 3, 3
 
 
-def run_tiny(run_mpi, data_path: Path, run_dir: Path, seed: int = 0):
+def run_tiny(run_mpi, data_path: Path, run_dir: Path, seed: int = 0, *options: str):
     result = run_mpi(CLIENTS + 1, TINY_MAIN, "--client_num_in_total", str(CLIENTS), "--client_num_per_round", str(PER_ROUND),
                      "--comm_round", str(ROUNDS), "--data_path", str(data_path), "--run_dir", str(run_dir),
-                     "--seed", str(seed), "--wandb_mode", "disabled")
+                     "--seed", str(seed), "--wandb_mode", "disabled", *options)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "MPI_ABORT" not in result.stdout + result.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -45,3 +45,15 @@ def test_same_seed_gives_same_clients_and_same_model_other_seed_other_clients(ru
         assert torch.equal(first[key], second[key]), key
     other_seeds = [[sampled_clients(s, r, CLIENTS, PER_ROUND) for r in range(ROUNDS)] for s in range(7, 12)]
     assert len({json.dumps(x) for x in other_seeds}) > 1  # sampling does depend on the seed
+
+
+def test_updates_lent_in_shared_memory_give_the_same_model_as_updates_sent_as_copies(run_mpi, tmp_path):
+    write_client_data(str(tmp_path / "data"), CLIENTS)
+    lent, _ = run_tiny(run_mpi, tmp_path / "data", tmp_path / "lent")
+    copied, _ = run_tiny(run_mpi, tmp_path / "data", tmp_path / "copied", 0, "--shared_memory", "off")
+    for key in lent:
+        assert torch.equal(lent[key], copied[key]), key
+    # Every client runs on the server's host: each lent its updates after its first one.
+    lenders = (tmp_path / "lent" / "server.log").read_text().count("tensors in its memory from now on")
+    assert lenders == CLIENTS
+    assert "in its memory" not in (tmp_path / "copied" / "server.log").read_text()

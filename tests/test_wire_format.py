@@ -1,4 +1,5 @@
 """Tensors cross the wire as raw buffers, bit-exactly, whatever their dtype."""
+import json
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,15 @@ def test_mpi_transport_moves_a_mixed_dtype_state_bit_exactly(run_mpi, tmp_path):
     # received straight into the buffer the client asked for, sent back from its views
     assert echo["target_params"] == {"landed_in_target": True}
     assert_bit_exact(echo["views"], expected)
+
+
+@pytest.mark.parametrize("mode", ["accept", "refuse"])
+def test_a_receiver_on_the_same_host_reads_lent_tensors_in_place_bit_exactly_once_it_accepted(run_mpi, tmp_path, mode):
+    result = run_mpi(2, str(PROGRAMS / "lending.py"), str(tmp_path), mode)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / f"lending-{mode}.json").read_text())
+    assert report["exact"] == [True, True, True]  # every dtype, bit for bit, after every change
+    # The first message carries the offer (and a copy); once accepted, no more copies.
+    assert report["read_in_place"] == ([False, True, True] if mode == "accept" else [False, False, False])
+    # Lent tensors outside the offered memory: the sender breaks the protocol.
+    assert report["out_of_bounds"] == "failed [1]"

@@ -4,7 +4,10 @@ A checkpoint rewrites the whole model every round and is read back only on resum
 Through the page cache that costs the writer a kernel copy of every byte plus page
 allocation, and the kernel's writeback threads more CPU later: on a 2-core machine
 running a federation, about 15-20 ms per 44.7 MB ResNet18. With ``O_DIRECT`` the data
-goes from a small aligned staging buffer straight to the device: about 6 ms.
+goes straight to the device: from the caller's memory where it is page-aligned and
+lands on a page-aligned file offset (a checkpoint's model, saved with page-aligned
+records), else through a small aligned staging buffer. About 3.5 ms of CPU in all for
+a ResNet18 written from its own memory, 8 ms through the staging buffer.
 """
 from __future__ import annotations
 
@@ -15,9 +18,12 @@ import mmap
 import os
 from typing import BinaryIO, Iterator, Union
 
+import numpy as np
+
 # O_DIRECT needs file offsets, lengths and memory aligned to the device's logical block
-# size; 4 KiB covers the usual 512-byte and 4 KiB ones.
-_ALIGN = 4096
+# size; a page covers the usual 512-byte and 4 KiB ones.
+PAGE_BYTES = 4096
+_ALIGN = PAGE_BYTES
 _STAGING_BYTES = 1 << 20
 # 0 where the platform has no O_DIRECT (then files are written through the page cache).
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -26,10 +32,12 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 class DirectFile:
     """A write-only binary file on a descriptor opened with ``O_DIRECT``.
 
-    ``write`` copies into a page-aligned staging buffer and writes it out whenever it is
-    full; :meth:`close` writes the rest zero-padded to the alignment, truncates the
-    file to the bytes written, and fsyncs it. If the filesystem refuses a direct write
-    (it needs a larger alignment), the file goes on through the page cache.
+    ``write`` hands page-aligned memory that lands on a page-aligned file offset to the
+    device as it is (all of it but a tail shorter than a page); everything else is
+    copied into a page-aligned staging buffer, written out whenever it is full.
+    :meth:`close` writes the rest zero-padded to the alignment, truncates the file to
+    the bytes written, and fsyncs it. If the filesystem refuses a direct write (it needs
+    a larger alignment), the file goes on through the page cache.
     """
 
     def __init__(self, fd: int) -> None:
@@ -42,6 +50,14 @@ class DirectFile:
     def write(self, data: Union[bytes, bytearray, memoryview]) -> int:
         data = memoryview(data).cast("B")
         done = 0
+        # The staging buffer always starts on an aligned file offset, so when the file
+        # position is aligned it holds whole pages and can go out first.
+        if self._written % _ALIGN == 0 and len(data) >= _ALIGN and _address(data) % _ALIGN == 0:
+            if self._filled:
+                self._write_all(self._view[:self._filled])
+                self._filled = 0
+            done = len(data) - len(data) % _ALIGN
+            self._write_all(data[:done])
         while done < len(data):
             count = min(len(data) - done, _STAGING_BYTES - self._filled)
             self._view[self._filled:self._filled + count] = data[done:done + count]
@@ -78,6 +94,12 @@ class DirectFile:
         os.close(self._fd)
 
 
+
+
+def _address(data: memoryview) -> int:
+    """Where ``data``'s first byte is in memory (numpy reads it without copying, even
+    from a read-only buffer)."""
+    return np.frombuffer(data, dtype=np.uint8).ctypes.data
 
 
 @contextlib.contextmanager

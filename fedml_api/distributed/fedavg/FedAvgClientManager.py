@@ -21,8 +21,9 @@ class FedAVGClientManager(ClientManager):
         self.trainer = trainer
         # Every model this client receives is loaded into its model at once: with the
         # model packed, it arrives in the model's own memory (loading it copies nothing)
-        # and the trained state goes back as one buffer per dtype.
-        self.model_state = pack_module(trainer.trainer.model)
+        # and the trained state goes back as one buffer per dtype, lent to a server on
+        # this host (which is done with it before it sends this client anything).
+        self.model_state = pack_module(trainer.trainer.model, allocate=transport.allocate_lendable)
         if self.model_state is not None:
             transport.receive_into(self.model_state)
 

@@ -45,7 +45,7 @@ class FedAVGServerManager(ServerManager):
     Args:
         args: needs ``comm_round``, ``frequency_of_the_test``, ``checkpoint_every``, ``client_num_in_total``,
             ``client_num_per_round``, ``round_timeout`` (None: wait forever),
-            ``min_clients_per_round``, ``run_dir``.
+            ``min_clients_per_round``, ``run_dir``, ``shared_memory`` (``"on"``: accept lent updates).
         aggregator: the server's :class:`FedAVGAggregator`.
         transport: moves the messages.
         recorder: receives one record per round and the final model (a ``RunRecorder``).
@@ -75,6 +75,9 @@ class FedAVGServerManager(ServerManager):
         self._round_start = self._phase_start = 0.0
         self._run_start = time.perf_counter()
         self.checkpoints = CheckpointWriter(args.run_dir)
+        if args.shared_memory == "on":
+            # Each update is aggregated, or rejected, before its client is sent anything.
+            transport.accept_lent_tensors()
 
     def register_message_receive_handlers(self) -> None:
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENT_READY, self.handle_message_client_ready)

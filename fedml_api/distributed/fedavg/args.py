@@ -31,6 +31,9 @@ def add_federation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                             "Larger N saves the time of writing the model when rounds are short, and loses up to N-1 rounds on a crash")
     group.add_argument("--resume", type=str, default=None,
                        help="continue from a checkpoint: a run directory or its checkpoint.pt")
+    group.add_argument("--shared_memory", choices=["on", "off"], default="on",
+                       help="on: a client on the server's host lends it the trained model in shared memory, which the server "
+                            "aggregates in place instead of receiving a copy; off: every update is sent as a copy")
     group.add_argument("--max_buffered_updates", type=int, default=None,
                        help="fold client updates into the average every N arrivals to bound server memory (default: all at once, fastest)")
     return parser

@@ -9,21 +9,29 @@ Wire format of one message from rank ``s`` to rank ``r``:
 2. the payload as raw bytes on ``DATA_TAG``: either one buffer per tensor (when the
    sender's tensors are separate, e.g. a live ``state_dict``) or one buffer per dtype
    (when the sender already holds them packed, e.g. an aggregated global model).
+   No payload at all when the tensors are lent (below).
 
 The receiver allocates a :class:`PackedTensors` from the header and receives the bytes
 straight into it, so a model arrives as flat per-dtype buffers with no extra copy. MPI
 keeps messages of one (source, tag) in order, so payloads always follow their header.
+
+Lending (see :mod:`.lending`): tensors sent from memory of
+:meth:`MpiTransport.allocate_lendable` carry an offer of that memory the first time
+they go to a peer. A peer that accepts lent tensors and can map it says so in the
+header of its next message to the sender; the sender's later messages from that memory
+name the segment and the offset of each dtype's buffer, and carry no payload. A
+message's tensors are thus always either received bytes or the sender's own memory.
 
 Failures: under Open MPI's ULFM (``mpirun --with-ft ulfm``) a dead peer surfaces as
 an MPI error; the transport acknowledges it and raises :class:`PeerFailure` naming
 the dead ranks, and a send to a dead or frozen peer fails or times out without
 blocking the sends to other peers (:meth:`MpiTransport.send_many`).
 
-Waiting never spins a core for long: a wait spins for ``spin_seconds`` (20 ms by
-default: echoes and large transfers land within it), yielding the core to any other
-runnable process at each probe (ranks often outnumber cores), then probes with an
-exponential sleep back-off capped at ``max_poll_interval`` (1 ms by default), which
-bounds the added latency while keeping an idle rank near 0% CPU.
+Waiting never spins a core for long: a wait spins for ``spin_seconds`` (20 ms where
+each rank has a core: echoes and large transfers land within it; none where ranks
+outnumber cores), yielding the core to any other runnable process at each probe, then
+probes with an exponential sleep back-off (from 10 us) capped at ``max_poll_interval``
+(1 ms by default), which bounds the added latency while keeping an idle rank near 0% CPU.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from mpi4py import MPI
 
+from .lending import CannotBorrow, LendableSegment, borrow
 from .message import Message, decode_header, encode_header
 from .packed_tensors import BufferPool, PackedTensors, TensorSpec, byte_view, dtype_from_name, dtype_name, plan_layout
 from .transport import PeerFailure, Transport, TransportTimeout
@@ -51,17 +60,23 @@ class MpiTransport(Transport):
     Args:
         comm: the communicator (``MPI.COMM_WORLD`` by default); its rank 0 is the server.
         max_poll_interval: longest sleep between two probes while idle, in seconds.
-        spin_seconds: how long a wait polls without sleeping before it backs off.
+        spin_seconds: how long a wait polls without sleeping before it backs off. None
+            (the default): 20 ms where this host has a core for each of the job's
+            ranks on it, else 0, since a spinning rank then takes a core that another
+            rank needs to copy or compute (Open MPI yields for the same reason when
+            oversubscribed). Finding that out makes the constructor collective: every
+            rank of ``comm`` constructs its transport together.
         payload_timeout: seconds a message's tensors may take to arrive once its header
             has; a sender slower than that is reported as failed.
     """
 
-    def __init__(self, comm: Optional[MPI.Comm] = None, max_poll_interval: float = 1e-3, spin_seconds: float = 0.02, payload_timeout: float = 120.0) -> None:
+    def __init__(self, comm: Optional[MPI.Comm] = None, max_poll_interval: float = 1e-3, spin_seconds: Optional[float] = None,
+                 payload_timeout: float = 120.0) -> None:
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.world_size = self.comm.Get_size()
         self.max_poll_interval = max_poll_interval
-        self.spin_seconds = spin_seconds
+        self.spin_seconds = spin_seconds if spin_seconds is not None else (0.0 if _host_oversubscribed(self.comm) else 0.02)
         self.payload_timeout = payload_timeout
         self.pool = BufferPool()
         self.failed_ranks: set = set()
@@ -70,6 +85,72 @@ class MpiTransport(Transport):
         # Layout ids: {receiver: {layout: id}} for sending, {sender: [layouts by id]} for receiving.
         self._layout_ids: Dict[int, Dict[Tuple, int]] = {}
         self._layouts: Dict[int, List[_Layout]] = {}
+        # Lending. Ours: segments (by id), offered / accepted per peer. Theirs: whether we
+        # take them, what we mapped {peer: {segment id: memory}}, acceptances to announce.
+        self._segments: List[LendableSegment] = []
+        self._offered: Dict[int, set] = {}
+        self._lending_to: Dict[int, set] = {}
+        self._accepts_lent = False
+        self._borrowed: Dict[int, Dict[int, torch.Tensor]] = {}
+        self._to_announce: Dict[int, List[int]] = {}
+        #: Messages received whose tensors were read in the sender's memory.
+        self.borrowed_messages = 0
+
+    # -- lending -------------------------------------------------------------------
+    def allocate_lendable(self, nbytes: int) -> torch.Tensor:
+        if nbytes <= 0:
+            return super().allocate_lendable(nbytes)
+        self._segments.append(LendableSegment(nbytes))
+        return self._segments[-1].memory
+
+    def accept_lent_tensors(self) -> None:
+        self._accepts_lent = True
+
+    def _lend(self, dest: int, packed: PackedTensors, header: Dict) -> bool:
+        """Name ``packed``'s buffers in our memory in ``header`` if ``dest`` has mapped
+        that memory (True: send no payload); offer the memory if not offered yet."""
+        for segment_id, segment in enumerate(self._segments):
+            offsets = segment.offsets_of(packed.groups.values())
+            if offsets is None:
+                continue
+            if segment_id in self._lending_to.get(dest, ()):
+                header["lent"] = {"segment": segment_id, "offsets": offsets}
+                return True
+            offered = self._offered.setdefault(dest, set())
+            if segment_id not in offered:
+                offered.add(segment_id)
+                header["offer"] = segment.offer(segment_id)
+            return False
+        return False
+
+    def _consider_offer(self, source: int, offer: Dict) -> None:
+        """Map a peer's offered memory if we take lent tensors and can; else it goes on
+        sending copies. Raises ValueError for a malformed offer."""
+        if not self._accepts_lent:
+            return
+        try:
+            memory = borrow(offer)
+        except CannotBorrow as reason:
+            logging.info("rank %d: rank %d sends copies of its tensors: %s", self.rank, source, reason)
+            return
+        logging.info("rank %d: reads rank %d's tensors in its memory from now on (same host)", self.rank, source)
+        self._borrowed.setdefault(source, {})[offer["segment"]] = memory
+        self._to_announce.setdefault(source, []).append(offer["segment"])
+
+    def _borrowed_tensors(self, source: int, layout: "_Layout", lent: Dict) -> PackedTensors:
+        """The tensors of a lent message: views of the sender's memory, bounds checked."""
+        memory = self._borrowed.get(source, {}).get(lent["segment"])
+        offsets = lent["offsets"]
+        if memory is None or not isinstance(offsets, list) or len(offsets) != len(layout.sizes):
+            raise ValueError(f"lent tensors in memory that was not offered: {lent!r}")
+        groups = {}
+        for (dtype, count), offset in zip(layout.sizes.items(), offsets):
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if not (type(offset) is int and offset % itemsize == 0 and 0 <= offset <= offset + count * itemsize <= memory.numel()):
+                raise ValueError(f"lent {dtype} tensors at offset {offset!r} are not inside the offered memory")
+            groups[dtype] = memory.narrow(0, offset, count * itemsize).view(dtype)
+        self.borrowed_messages += 1
+        return PackedTensors(layout.specs, groups)
 
     # -- ending --------------------------------------------------------------------
     def abandon(self, rank: int) -> None:
@@ -126,6 +207,10 @@ class MpiTransport(Transport):
             entries = [(k, dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()]
             buffers = [byte_view(t) for t in tensors.values()]
         header = {**message.header(), "by_dtype": packed is not None}
+        if self._to_announce.get(dest):
+            header["accepted"] = self._to_announce.pop(dest)
+        if packed is not None and self._lend(dest, packed, header):
+            buffers = []
         # MPI delivers a sender's messages in order and never drops one to a live peer, so
         # the receiver has seen a layout's list before any message that names it by id.
         known = self._layout_ids.setdefault(dest, {})
@@ -181,9 +266,15 @@ class MpiTransport(Transport):
         try:
             header = decode_header(bytes(raw))
             layout = self._layout(source, header)
+            self._lending_to.setdefault(source, set()).update(_segment_ids(header.get("accepted", [])))
+            if "offer" in header:
+                self._consider_offer(source, header["offer"])
             target = self.receive_target
+            lent = self._borrowed_tensors(source, layout, header["lent"]) if "lent" in header else None
             if target is not None and layout.key == target.layout_key():
                 packed = target
+            elif lent is not None:
+                packed = lent
             else:
                 packed = PackedTensors.empty(layout.specs, layout.sizes, allocate=self.pool.take)
         except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
@@ -191,8 +282,14 @@ class MpiTransport(Transport):
             logging.error("rank %d: malformed message from rank %d (%s); treating it as failed", self.rank, source, error)
             self.failed_ranks.add(source)
             raise PeerFailure({source}) from None
-        if header["by_dtype"]:
-            targets: Sequence[torch.Tensor] = list(packed.groups.values())
+        if lent is not None:
+            # The tensors are in the sender's memory: no payload follows.
+            if packed is not lent:  # a receive target, which must end up holding them
+                for dtype, group in lent.groups.items():
+                    packed.groups[dtype].copy_(group)
+            targets: Sequence[torch.Tensor] = []
+        elif header["by_dtype"]:
+            targets = list(packed.groups.values())
         else:
             targets = [packed.view(spec) for spec in packed.specs]
         requests = [self.comm.Irecv([byte_view(t).numpy(), MPI.BYTE], source, DATA_TAG) for t in targets]
@@ -268,6 +365,20 @@ def _finished(requests: List[MPI.Request]) -> bool:
         return MPI.Request.Testall(requests)
     except MPI.Exception:  # the peer died: nothing more will happen to these requests
         return True
+
+
+def _host_oversubscribed(comm: MPI.Comm) -> bool:
+    """True if this host runs more of ``comm``'s ranks than this process has cores (collective)."""
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    ranks_here = local.Get_size()
+    local.Free()
+    return ranks_here > len(os.sched_getaffinity(0))
+
+
+def _segment_ids(ids) -> List[int]:
+    if not (isinstance(ids, list) and all(type(i) is int for i in ids)):
+        raise ValueError(f"malformed list of accepted memory segments {ids!r}")
+    return ids
 
 
 def _cpu_contiguous(tensor: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Dict, FrozenSet, Iterable, Optional, Sequence
 
+import torch
+
 from .message import Message
-from .packed_tensors import PackedTensors
+from .packed_tensors import PackedTensors, allocate_bytes
 
 
 class TransportTimeout(TimeoutError):
@@ -78,6 +80,29 @@ class Transport(ABC):
         the module's own memory, and loading it copies nothing.
         """
         self.receive_target = target
+
+    def allocate_lendable(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of CPU memory (a 1-D uint8 tensor) for tensors this rank sends
+        again and again, e.g. a client's packed model (``pack_module(model,
+        allocate=transport.allocate_lendable)``). A receiver on this host that accepts
+        lent tensors (:meth:`accept_lent_tensors`) may then read a message's tensors
+        straight from this memory instead of receiving a copy.
+
+        The price: after sending a message whose tensors live here, leave them unchanged
+        until the receiver has sent this rank a message. A request/response protocol,
+        where the next thing that writes this memory is the receiver's next message,
+        meets that by construction.
+        """
+        return allocate_bytes(nbytes)
+
+    def accept_lent_tensors(self) -> None:
+        """Let senders on this host lend this rank the tensors of their messages (see
+        :meth:`allocate_lendable`): a received message's tensors may then live in the
+        sender's memory, valid until this rank next sends a message to that sender. For
+        a rank that is done with each message before it answers its sender (a FedAvg
+        server aggregates a round's updates before it sends the next model). Tensors are
+        always bit-exact; without this call (or where memory cannot be shared) they are
+        copies."""
 
     def abandon(self, rank: int) -> None:
         """Note that ``rank`` was given up on (dead, frozen, unreachable)."""
