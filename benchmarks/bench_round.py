@@ -1,6 +1,6 @@
 """One FedAvg round (5 clients, ResNet18 width 64, no training) against raw MPI.
 
-    .venv/bin/python benchmarks/bench_round.py [--rounds 8] [--blocks 4] [--clients 5] [--checkpoint_every 1]
+    .venv/bin/python benchmarks/bench_round.py [--rounds 8] [--blocks 4] [--clients 5] [--checkpoint_every 1] [--shared_memory on]
 
 The script re-executes itself under ``mpirun -np 6`` (the ``mpirun`` next to
 ``sys.executable``): rank 0 is the server, ranks 1..5 the clients, each rank limited to
@@ -12,7 +12,10 @@ FedAVGClientManager over MpiTransport, 5 clients all sampled every round, and a
 ModelTrainer whose ``train()`` does nothing and ``test()`` returns ``{}``. A round is
 thus what the framework itself costs: the server sends the 44.7 MB global model to
 the 5 clients at once (each receives it straight into its packed model, as a real
-client does) and each sends back its ``state_dict()``; the server aggregates the five,
+client does) and each sends back its ``state_dict()`` (all ranks share one host, so
+after the first round a client lends its update in shared memory and the server
+aggregates it in place; ``--shared_memory off`` makes every update travel as a copy, as
+between hosts); the server aggregates the five,
 logs the round and hands its checkpoint (``checkpoint.pt``, fsync'ed) to the
 background writer, whose CPU time competes with the next round.
 
@@ -69,13 +72,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--blocks", type=int, default=4, help="framework runs, each followed by as many raw repetitions")
     parser.add_argument("--clients", type=int, default=5, help="clients, all sampled every round (the target is stated for 5)")
     parser.add_argument("--checkpoint_every", type=int, default=1, help="the run's --checkpoint_every (1: a checkpoint every round, the default)")
+    parser.add_argument("--shared_memory", choices=["on", "off"], default="on", help="the run's --shared_memory (on, the default: updates lent in place)")
     args = parser.parse_args()
     if args.rounds < 4:
         parser.error("--rounds must be at least 4: the first and last rounds of a run are not timed")
     return args
 
 
-def federation_args(clients: int, rounds: int, checkpoint_every: int, run_dir: str) -> Namespace:
+def federation_args(clients: int, rounds: int, checkpoint_every: int, shared_memory: str, run_dir: str) -> Namespace:
     """The run's arguments as main_fedavg.py would parse them: every client every round,
     no test round but the last (which always tests), nothing written outside ``run_dir``."""
     from fedml_api.distributed.fedavg.args import add_federation_args
@@ -84,6 +88,7 @@ def federation_args(clients: int, rounds: int, checkpoint_every: int, run_dir: s
         "--client_num_in_total", str(clients), "--client_num_per_round", str(clients),
         "--comm_round", str(rounds), "--frequency_of_the_test", str(10**9),
         "--data_path", os.devnull, "--run_dir", run_dir, "--wandb_mode", "disabled", "--checkpoint_every", str(checkpoint_every),
+        "--shared_memory", shared_memory,
     ])
 
 
@@ -163,7 +168,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     cpu_per_round: List[float] = []  # this rank's, one per block
     raw_cpu = 0.0  # this rank's, over the timed repetitions of the reference case
     for block in range(args.blocks):
-        run_args = federation_args(size - 1, args.rounds, args.checkpoint_every, os.path.join(work_dir, f"block{block}"))
+        run_args = federation_args(size - 1, args.rounds, args.checkpoint_every, args.shared_memory, os.path.join(work_dir, f"block{block}"))
         trainer = NoTraining(model)
         transport = CpuMarkingTransport(comm)
         comm.Barrier()
@@ -192,11 +197,11 @@ def run_benchmark(args: argparse.Namespace) -> None:
     cpu = comm.gather((statistics.median(cpu_per_round), raw_cpu / (args.blocks * (args.rounds - 2))), root=0)
     if rank == 0:
         shutil.rmtree(work_dir)
-        report(periods, records, raw_times, cpu, nbytes, torch.get_num_threads())
+        report(periods, records, raw_times, cpu, nbytes, torch.get_num_threads(), args)
 
 
 def report(periods: List[float], records: List[Dict[str, Any]], raw_times: Dict[str, List[float]],
-           cpu: List[Tuple[float, float]], nbytes: int, threads: int) -> None:
+           cpu: List[Tuple[float, float]], nbytes: int, threads: int, args: argparse.Namespace) -> None:
     def row(name: str, values: List[float]) -> str:
         return (f"{name:50s} {len(values):4d} {statistics.median(values) * 1e3:10.2f} "
                 f"{min(values) * 1e3:10.2f} {statistics.mean(values) * 1e3:10.2f}")
@@ -207,7 +212,8 @@ def report(periods: List[float], records: List[Dict[str, Any]], raw_times: Dict[
     clients = len(cpu) - 1
     print(f"One FedAvg round, {clients} clients, ResNet18(width=64) = {nbytes:,} bytes per message, "
           f"{2 * clients} messages ({2 * clients * nbytes / 1e6:.0f} MB) per round; "
-          f"{clients + 1} ranks, {threads} torch thread(s) each")
+          f"{clients + 1} ranks, {threads} torch thread(s) each; "
+          f"--checkpoint_every {args.checkpoint_every} --shared_memory {args.shared_memory}")
     print(f"{'':50s} {'n':>4s} {'median ms':>10s} {'min ms':>10s} {'mean ms':>10s}")
     print(row("framework round, full period (train() to train())", periods))
     print(row("  server's round_seconds (first send -> aggregated)", round_seconds))

@@ -111,3 +111,43 @@ def test_a_filesystem_refusing_a_direct_write_gets_the_file_through_the_page_cac
             pytest.skip(f"{tmp_path}'s filesystem has no O_DIRECT")
         f.write(data)
     assert refused and (tmp_path / "file.bin").read_bytes() == data
+
+
+def _failing_midway(monkeypatch):
+    """Make the next checkpoint write fail after 2 MiB of it reached the file."""
+    save = torch.save
+
+    def save_half_then_fail(obj, f, *args, **kwargs):
+        f.write(bytes(2 << 20))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    return lambda: monkeypatch.setattr(torch, "save", save)
+
+
+def test_each_checkpoint_reuses_the_file_of_the_one_before_and_a_failed_write_leaves_the_last_intact(tmp_path, monkeypatch):
+    for round_idx in range(3):
+        save_checkpoint(str(tmp_path), _checkpoint(round_idx, _state()))
+    # The one before the last is kept as the next one's disk space.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.pt.spare"]
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt.spare")).round_idx == 1
+    restore = _failing_midway(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(str(tmp_path), _checkpoint(3, _state()))
+    assert load_checkpoint(str(tmp_path)).round_idx == 2
+    restore()
+    save_checkpoint(str(tmp_path), _checkpoint(4, _state()))
+    assert load_checkpoint(str(tmp_path)).round_idx == 4
+
+
+def test_a_crash_that_left_the_spare_a_second_name_of_the_checkpoint_does_not_let_it_be_overwritten(tmp_path, monkeypatch):
+    save_checkpoint(str(tmp_path), _checkpoint(0, _state()))
+    # As after a crash between linking the old checkpoint as the spare and the rename.
+    (tmp_path / "checkpoint.pt.spare").hardlink_to(tmp_path / "checkpoint.pt")
+    restore = _failing_midway(monkeypatch)
+    with pytest.raises(OSError):
+        save_checkpoint(str(tmp_path), _checkpoint(1, _state()))
+    assert load_checkpoint(str(tmp_path)).round_idx == 0
+    restore()
+    save_checkpoint(str(tmp_path), _checkpoint(1, _state()))
+    assert load_checkpoint(str(tmp_path)).round_idx == 1

@@ -118,3 +118,23 @@ def test_a_state_trained_outside_the_packed_memory_is_still_sent_packed_and_aggr
     assert replies == [True] * 4  # 2 rounds x 2 clients, each reply one buffer per dtype
     plain, relocated = torch.load(plain_run / "final_model.pt"), torch.load(relocated_run / "final_model.pt")
     assert all(torch.equal(plain[key], relocated[key]) for key in plain)
+
+
+class LoadCountingTrainer(TinyTrainer):
+    """Overrides set_model_params, as a trainer that keeps the global model would."""
+
+    loads = []
+
+    def set_model_params(self, model_parameters):
+        LoadCountingTrainer.loads.append(float(sum(t.double().sum() for t in model_parameters.values())))
+        super().set_model_params(model_parameters)
+
+
+def test_an_overridden_set_model_params_gets_every_model_even_when_it_arrived_in_the_models_memory(tmp_path):
+    LoadCountingTrainer.loads = []
+    _, run_dir, errors = run_federation(tmp_path, clients=4, per_round=2, rounds=3, test_every=2, trainer_factory=LoadCountingTrainer)
+    assert not errors
+    # 3 rounds x 2 sampled clients train; rounds 2 and 3 test on all 4 clients.
+    assert len(LoadCountingTrainer.loads) == 3 * 2 + 2 * 4
+    final = torch.load(run_dir / "final_model.pt")
+    assert LoadCountingTrainer.loads[-1] == pytest.approx(float(sum(t.double().sum() for t in final.values())))

@@ -21,6 +21,8 @@ from fedml_api.utils.durable_file import PAGE_BYTES, durable_file
 from fedml_core.distributed.communication.packed_tensors import PackedTensors, byte_view, dtype_from_name, dtype_name, plan_layout
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# The checkpoint before the last, whose disk space the next checkpoint reuses.
+SPARE_SUFFIX = ".spare"
 # 2: the global model is stored packed (see _packed_model).
 FORMAT_VERSION = 2
 # Niceness of the checkpoint writer thread: it yields the CPU to the round's work.
@@ -51,7 +53,16 @@ class ServerCheckpoint:
 def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint) -> str:
     """Atomically write ``checkpoint`` to ``<run_dir>/checkpoint.pt``; returns the path."""
     path = os.path.join(run_dir, CHECKPOINT_NAME)
-    temporary = path + ".partial"
+    temporary, spare = path + ".partial", path + SPARE_SUFFIX
+    # The previous checkpoint's file becomes the next one's: overwriting its blocks
+    # costs less than freeing one file and allocating another every round. (A crash
+    # between the link and the rename below leaves the spare a second name of the
+    # checkpoint itself, which must then not be overwritten.)
+    if os.path.exists(spare):
+        if os.path.exists(path) and os.path.samefile(spare, path):
+            os.unlink(spare)
+        else:
+            os.replace(spare, temporary)
     fields = {**vars(checkpoint), "global_model": _packed_model(checkpoint.global_model)}
     # No zip CRC32: it would double the CPU time of every checkpoint, and the atomic
     # write + fsync + rename already guarantees a whole file. Records on page
@@ -59,6 +70,8 @@ def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint) -> str:
     settings = {"save.compute_crc32": False, "save.storage_alignment": PAGE_BYTES}
     with durable_file(temporary) as f, serialization_config.patch(settings):
         torch.save({"format": FORMAT_VERSION, **fields}, f)
+    if os.path.exists(path):
+        os.link(path, spare)
     os.replace(temporary, path)
     directory = os.open(run_dir, os.O_RDONLY)
     try:

@@ -42,7 +42,8 @@ class Transport(ABC):
     def send(self, message: Message, timeout: Optional[float] = None) -> None:
         """Deliver ``message`` to ``message.receiver_id``.
 
-        Returns once the message's tensors may be modified again by the caller.
+        Returns once the message's tensors may be modified again by the caller (tensors
+        in lendable memory: see :meth:`allocate_lendable`).
         Raises :class:`TransportTimeout` if that takes longer than ``timeout`` seconds.
         """
 
