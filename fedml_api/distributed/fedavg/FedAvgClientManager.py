@@ -24,7 +24,10 @@ class FedAVGClientManager(ClientManager):
         # model packed, it arrives in the model's own memory (loading it copies nothing)
         # and the trained state goes back as one buffer per dtype, lent to a server on
         # this host (which is done with it before it sends this client anything).
-        self.model_state = pack_module(trainer.trainer.model, allocate=transport.allocate_lendable)
+        # (Lendable memory is a memfd: 4 KiB pages, through which MPI's single-copy
+        # transfers run slower, so it is asked for only where it will be lent.)
+        lendable = transport.allocate_lendable if args.shared_memory == "on" else None
+        self.model_state = pack_module(trainer.trainer.model, allocate=lendable)
         if self.model_state is not None:
             transport.receive_into(self.model_state)
             self._packed_places = _places(self.model_state.tensors())
