@@ -57,7 +57,9 @@ def test_a_regular_file_is_refused(tmp_path):
         os.close(fd)
 
 
-@pytest.mark.parametrize("offer", [[], {"pid": "1", "fd": 3, "inode": 5, "nbytes": 4096}, {"pid": 1, "fd": -1, "inode": 5, "nbytes": 4096}, {}])
+@pytest.mark.parametrize("offer", [[], {}, {"segment": 0, "pid": "1", "fd": 3, "inode": 5, "nbytes": 4096},
+                                   {"segment": 0, "pid": 1, "fd": -1, "inode": 5, "nbytes": 4096},
+                                   {"segment": [0], "pid": 1, "fd": 3, "inode": 5, "nbytes": 4096}])
 def test_a_malformed_offer_is_a_protocol_error(offer):
     with pytest.raises(ValueError, match="malformed memory offer"):
         borrow(offer)

@@ -85,8 +85,9 @@ def borrow(offer: Dict[str, Any]) -> torch.Tensor:
     if it cannot be mapped here."""
     if not isinstance(offer, dict):
         raise ValueError(f"malformed memory offer {offer!r}")
-    pid, fd, inode, nbytes = (offer.get(key) for key in ("pid", "fd", "inode", "nbytes"))
-    if not all(type(value) is int and value > 0 for value in (pid, inode, nbytes)) or type(fd) is not int or fd < 0:
+    segment, pid, fd, inode, nbytes = (offer.get(key) for key in ("segment", "pid", "fd", "inode", "nbytes"))
+    if not all(type(value) is int and value > 0 for value in (pid, inode, nbytes)) or \
+            not all(type(value) is int and value >= 0 for value in (segment, fd)):
         raise ValueError(f"malformed memory offer {offer!r}")
     if {key: offer.get(key) for key in ("boot_id", "pid_namespace")} != host_identity():
         raise CannotBorrow("the peer runs on another host or in another pid namespace")
