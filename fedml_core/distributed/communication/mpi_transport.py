@@ -145,7 +145,7 @@ class MpiTransport(Transport):
             raise ValueError(f"lent tensors in memory that was not offered: {lent!r}")
         groups = {}
         for (dtype, count), offset in zip(layout.sizes.items(), offsets):
-            itemsize = torch.empty((), dtype=dtype).element_size()
+            itemsize = dtype.itemsize
             if not (type(offset) is int and offset % itemsize == 0 and 0 <= offset <= offset + count * itemsize <= memory.numel()):
                 raise ValueError(f"lent {dtype} tensors at offset {offset!r} are not inside the offered memory")
             groups[dtype] = memory.narrow(0, offset, count * itemsize).view(dtype)
