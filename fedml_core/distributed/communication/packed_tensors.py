@@ -92,9 +92,9 @@ class PackedTensors:
         starts, end = {}, 0
         for dtype, n in sizes.items():
             starts[dtype] = end
-            end += -(-n * _itemsize(dtype) // _ALIGN) * _ALIGN
+            end += -(-n * dtype.itemsize // _ALIGN) * _ALIGN
         base = (allocate or allocate_bytes)(end)
-        groups = {dtype: base.narrow(0, starts[dtype], n * _itemsize(dtype)).view(dtype) for dtype, n in sizes.items()}
+        groups = {dtype: base.narrow(0, starts[dtype], n * dtype.itemsize).view(dtype) for dtype, n in sizes.items()}
         return cls(specs, groups)
 
     @classmethod
@@ -181,10 +181,6 @@ def _overlap(tensors) -> bool:
     """True if any two tensors share memory."""
     spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel())
     return any(start < previous_end for (_, previous_end), (start, _) in zip(spans, spans[1:]))
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 class BufferPool:
