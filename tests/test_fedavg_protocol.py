@@ -8,7 +8,7 @@ import torch
 
 from fedml_api.distributed.fedavg.args import add_federation_args
 from fedml_api.distributed.fedavg.FedAvgAPI import FedML_FedAvg_distributed
-from fedml_api.distributed.fedavg.FedAVGTrainer import FedAVGTrainer
+from fedml_api.distributed.fedavg.FedAVGTrainer import FedAVGTrainer, UserCodeError
 from fedml_core.distributed.communication.inprocess_transport import InProcessHub
 from fedml_core.trainer.result_aggregator import WeightedMeanResultAggregator
 from tiny_federation import TinyTrainer, make_model, reference_fedavg, sampled_clients, write_client_data
@@ -78,7 +78,7 @@ def test_a_test_result_that_is_not_json_names_the_trainer(tmp_path, monkeypatch)
     monkeypatch.setattr(TinyTrainer, "test", lambda self, device, args, path: {"accuracy": torch.tensor(1.0)})
     trainer = FedAVGTrainer(1, str(tmp_path / "1" / "train"), str(tmp_path / "1" / "test"),
                             torch.device("cpu"), Namespace(), TinyTrainer(make_model()))
-    with pytest.raises(TypeError, match=r"TinyTrainer.test\(\) must return a JSON-serialisable dict"):
+    with pytest.raises(UserCodeError, match=r"TinyTrainer.test\(\) must return a JSON-serialisable dict"):
         trainer.test()
 
 

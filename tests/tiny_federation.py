@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from argparse import Namespace
-from typing import Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -95,3 +95,44 @@ def reference_fedavg(data_path: str, total: int, per_round: int, rounds: int, se
             new_state[key] = mean.round().to(value.dtype) if not value.is_floating_point() else mean.to(value.dtype)
         global_state = new_state
     return global_state
+
+
+class FaultyTrainer(TinyTrainer):
+    """TinyTrainer with bugs on demand: each fault ``"METHOD:CLIENT[:ROUND]"`` makes METHOD
+    raise ValueError on client CLIENT (in round ROUND only, for train). METHOD
+    ``test_tensor`` / ``test_numpy`` makes test() return a torch / numpy scalar metric
+    instead, and ``sample_number_zero`` makes get_local_sample_number return 0."""
+
+    def __init__(self, model: nn.Module, faults: Sequence[str] = ()) -> None:
+        super().__init__(model)
+        self.faults = list(faults)
+
+    def _fault(self, method: str, path: str, round_idx: Optional[int] = None) -> bool:
+        client = int(path.rstrip("/").split("/")[-2])
+        for spec in self.faults:
+            name, target, *when = spec.split(":")
+            if name == method and int(target) == client and (not when or int(when[0]) == round_idx):
+                return True
+        return False
+
+    def get_local_sample_number(self, train_path: str) -> int:
+        if self._fault("get_local_sample_number", train_path):
+            raise ValueError(f"cannot read {train_path}")
+        if self._fault("sample_number_zero", train_path):
+            return 0
+        return super().get_local_sample_number(train_path)
+
+    def train(self, device: torch.device, args: Namespace, train_path: str) -> None:
+        if self._fault("train", train_path, args.round_idx):
+            raise ValueError(f"injected bug in round {args.round_idx}")
+        super().train(device, args, train_path)
+
+    def test(self, device: torch.device, args: Namespace, test_path: str) -> Dict[str, Any]:
+        result = super().test(device, args, test_path)
+        if self._fault("test", test_path):
+            raise ValueError("injected bug in test()")
+        if self._fault("test_tensor", test_path):
+            return {**result, "accuracy": torch.tensor(result["accuracy"])}
+        if self._fault("test_numpy", test_path):
+            return {**result, "accuracy": np.float32(result["accuracy"])}
+        return result

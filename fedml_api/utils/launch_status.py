@@ -8,6 +8,7 @@ launcher stops whatever is still running after a grace period.
 from __future__ import annotations
 
 import os
+import socket
 
 STATUS_FILE_ENV = "FEDML_STATUS_FILE"
 
@@ -21,3 +22,15 @@ def report_server_exit(status: int) -> None:
     with open(temporary, "w") as f:
         f.write(f"{status}\n")
     os.replace(temporary, path)  # the launcher never reads a half-written status
+
+
+def report_server_start() -> None:
+    """Leave ``HOST PID`` of the server for the launcher, which then stops the job if the
+    server dies without reporting an exit status (no-op outside the launcher)."""
+    path = os.environ.get(STATUS_FILE_ENV)
+    if not path:
+        return
+    temporary = f"{path}.server.partial"
+    with open(temporary, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    os.replace(temporary, f"{path}.server")

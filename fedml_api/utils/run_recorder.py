@@ -3,7 +3,7 @@
 ``<run_dir>/``
     ``server.log``       the server's log
     ``metrics.jsonl``    one JSON object per round (written and flushed as the round ends)
-    ``summary.json``     final metrics, rounds, wall time
+    ``summary.json``     final metrics, rounds, wall time, status, failed clients, rejected updates
     ``final_model.pt``   the final global model's state_dict (``torch.load`` it)
     ``metrics.png``      test metrics per round
 """
@@ -41,6 +41,8 @@ class RunRecorder:
         os.makedirs(run_dir, exist_ok=True)
         # A resumed run starts from the records its checkpoint holds.
         self.records: List[Dict[str, Any]] = [dict(r) for r in previous_records]
+        #: What :meth:`write_summary` wrote last (None: nothing yet).
+        self.summary: Optional[Dict[str, Any]] = None
         self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8")
         for record in self.records:
             self._metrics.write(json.dumps(record) + "\n")
@@ -64,26 +66,44 @@ class RunRecorder:
             flat.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
             wandb.log(flat, step=record["round"])
 
-    def finish(self, final_model: Mapping[str, torch.Tensor], wall_seconds: float) -> Dict[str, Any]:
-        """Write the final model, ``summary.json`` and the plot; returns the summary."""
+    def finish(self, final_model: Mapping[str, torch.Tensor], wall_seconds: float,
+               failed_clients: Optional[Mapping[int, str]] = None, stopped: Optional[str] = None) -> Dict[str, Any]:
+        """Write the final model, ``summary.json`` and the plot; returns the summary
+        (see :meth:`write_summary` for ``failed_clients`` and ``stopped``)."""
         torch.save(dict(final_model), os.path.join(self.run_dir, "final_model.pt"))
-        tested = [r for r in self.records if "test" in r]
-        summary = {
-            "rounds": len(self.records),
-            "final_test": tested[-1]["test"] if tested else None,
-            "wall_seconds": wall_seconds,
-            "config": self.config,
-        }
-        with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2, default=str)
+        summary = self.write_summary(wall_seconds, failed_clients, stopped)
+        tested = [r for r in self.records if r.get("test")]
         if tested:
             plot_test_metrics(tested, os.path.join(self.run_dir, "metrics.png"))
-        logger.info("run finished in %.1f s; results in %s", wall_seconds, self.run_dir)
-        self.close()
+        if stopped is None:
+            logger.info("run finished in %.1f s; results in %s", wall_seconds, self.run_dir)
+        return summary
+
+    def write_summary(self, wall_seconds: float, failed_clients: Optional[Mapping[int, str]] = None,
+                      stopped: Optional[str] = None) -> Dict[str, Any]:
+        """Write ``summary.json``: rounds done, the last test's metrics, wall time (s),
+        ``status`` ("completed", or "stopped" with the reason in ``stopped``), the clients
+        out of the run at the end (``failed_clients``: {id: reason}), every rejected update
+        (``rejected_updates``: {round: {client: reason}}) and the arguments."""
+        last = self.records[-1] if self.records else {}
+        summary = {
+            "rounds": len(self.records),
+            "status": "completed" if stopped is None else "stopped",
+            "final_test": last.get("test") or None,
+            "wall_seconds": wall_seconds,
+            "failed_clients": {str(c): reason for c, reason in sorted((failed_clients or {}).items())},
+            "rejected_updates": {str(r["round"]): r["rejected_updates"] for r in self.records if "rejected_updates" in r},
+            "config": self.config,
+        }
+        if stopped is not None:
+            summary["stopped"] = stopped
+        with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, default=str)
+        self.summary = summary
         return summary
 
     def close(self) -> None:
-        """Stop writing (idempotent); called by :meth:`finish`, and on failure."""
+        """Stop writing (idempotent): the last thing the server does with its recorder."""
         if self._metrics.closed:
             return
         self._metrics.close()

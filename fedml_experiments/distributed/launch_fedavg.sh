@@ -11,13 +11,19 @@
 # Environment: PYTHON (default python3), MPIRUN (default mpirun), MPIRUN_ARGS (extra flags),
 # FEDML_EXIT_GRACE (seconds ranks get to exit after the server is done; default 15).
 #
+# Before mpirun, main_fedavg.py runs once here as a pre-flight check (FEDML_PREFLIGHT;
+# see fedml_api/distributed/fedavg/preflight.py): bad options, missing client data and a
+# bad --resume checkpoint are reported once, before any rank starts (FEDML_PREFLIGHT=0
+# skips it).
+#
 # Failures: the job runs with Open MPI's ULFM (--with-ft ulfm), so a dead client is
 # reported to the server instead of ending the job. A client that is alive but never
 # exits (frozen by SIGSTOP, hung) would keep mpirun waiting forever, so the server
 # reports its exit status through FEDML_STATUS_FILE and, once it has, this launcher
-# gives the other ranks FEDML_EXIT_GRACE seconds and then stops what is left.
-# The exit status is the server's (0: the run completed), or mpirun's if the server
-# never reported one.
+# gives the other ranks FEDML_EXIT_GRACE seconds and then stops what is left. The
+# server also leaves its pid there at start: if it dies without reporting (killed), the
+# launcher stops the job within seconds instead of leaving the clients waiting.
+# The exit status is the server's (0: the run completed), else non-zero.
 set -eu
 
 usage() {
@@ -56,43 +62,53 @@ for host in $HOSTS; do
     esac
 done
 
+# Only the shipped default, one local host line without slots=, means "every process on
+# this machine"; any other hostfile must hold the run's processes, on one host or many.
+SIZED=$(sed -e 's/#.*//' "$HOSTFILE" | awk 'NF { lines++; if (NF > 1) sized = 1 } END { print (lines > 1 || sized) ? "yes" : "no" }')
+if [ "$SIZED" = yes ] || [ "$ONLY_LOCAL" = no ]; then
+    PLACEMENT=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m fedml_api.utils.hostfile "$HOSTFILE" "$PROCESS_NUM") || exit 2
+fi
+
 # Path options are relative to where the user ran this script, but the processes run
 # in EXP_DIR: make them absolute (the same absolute path then holds on every host).
 absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$PWD/$1" ;; esac; }
-DATA_PATH=
 PATH_VALUE_NEXT=
 for arg do
     shift
     if [ -n "$PATH_VALUE_NEXT" ]; then
         arg=$(absolute "$arg")
-        [ "$PATH_VALUE_NEXT" = --data_path ] && DATA_PATH=$arg
         PATH_VALUE_NEXT=
     fi
     case "$arg" in
         --data_path|--run_dir|--resume|--model_def|--pretrained_weights) PATH_VALUE_NEXT=$arg ;;
         --data_path=*|--run_dir=*|--resume=*|--model_def=*|--pretrained_weights=*)
-            arg="${arg%%=*}=$(absolute "${arg#*=}")"
-            case "$arg" in --data_path=*) DATA_PATH=${arg#--data_path=} ;; esac ;;
+            arg="${arg%%=*}=$(absolute "${arg#*=}")" ;;
     esac
     set -- "$@" "$arg"
 done
 
-# On this machine the clients' data can be checked before anything starts (on other
-# hosts, make_hostfile.py --check and each client's own error name a missing folder).
-if [ "$ONLY_LOCAL" = yes ] && [ -n "$DATA_PATH" ]; then
-    CLIENT=1
-    while [ "$CLIENT" -le "$CLIENT_NUM" ]; do
-        for split in train test; do
-            [ -d "$DATA_PATH/$CLIENT/$split" ] || {
-                echo "error: client $CLIENT has no data: $DATA_PATH/$CLIENT/$split is missing (expected <data_path>/<client_id>/{train,test} for client ids 1..$CLIENT_NUM; make them with scripts/split_dataset.py)" >&2
-                exit 2
-            }
-        done
-        CLIENT=$((CLIENT + 1))
-    done
-fi
-
 set -- --client_num_in_total "$CLIENT_NUM" --client_num_per_round "$WORKER_NUM" --comm_round "$ROUND" "$@"
+
+# The pre-flight check: the experiment's main, alone, with the same arguments. Its
+# output is shown when it fails (the reason, once) and, on success, only its warnings.
+# On other hosts, make_hostfile.py --check and each client's own error name missing data.
+if [ "${FEDML_PREFLIGHT:-1}" != 0 ]; then
+    PREFLIGHT_LOG=$(mktemp "${TMPDIR:-/tmp}/fedml-preflight.XXXXXX")
+    PREFLIGHT_STATUS=0
+    (
+        cd "$EXP_DIR"
+        [ "$ONLY_LOCAL" = yes ] && export FEDML_PREFLIGHT_CHECK_DATA=1
+        FEDML_PREFLIGHT=$PROCESS_NUM WANDB_MODE=disabled WANDB_SILENT=true PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" \
+            "$PYTHON" ./main_fedavg.py "$@" </dev/null >"$PREFLIGHT_LOG" 2>&1
+    ) || PREFLIGHT_STATUS=$?
+    if [ "$PREFLIGHT_STATUS" != 0 ]; then
+        grep -v -E '^[0-9-]+ [0-9:,]+ INFO ' "$PREFLIGHT_LOG" >&2 || true
+        rm -f "$PREFLIGHT_LOG"
+        exit 2
+    fi
+    grep -E ' WARNING ' "$PREFLIGHT_LOG" >&2 || true
+    rm -f "$PREFLIGHT_LOG"
+fi
 # Processes share cores on purpose (more ranks than cores is normal here): no binding,
 # and each rank limits its own torch threads.
 MPI_FLAGS="-np $PROCESS_NUM --bind-to none --with-ft ulfm"
@@ -100,10 +116,9 @@ MPI_FLAGS="-np $PROCESS_NUM --bind-to none --with-ft ulfm"
 if [ "$ONLY_LOCAL" = yes ]; then
     MPI_FLAGS="$MPI_FLAGS --host localhost:$PROCESS_NUM --oversubscribe"
 else
-    # Where each process goes, checked before anything starts: the hostfile must hold
-    # PROCESS_NUM processes. The seq mapper then puts process i on the i-th host of the
-    # list, whatever the hosts' core counts.
-    PLACEMENT=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m fedml_api.utils.hostfile "$HOSTFILE" "$PROCESS_NUM") || exit 2
+    # PLACEMENT (checked above: the hostfile holds PROCESS_NUM processes) is the host of
+    # each process id; the seq mapper puts process i on the i-th host of the list,
+    # whatever the hosts' core counts.
     # Remote daemons and processes are found at this Open MPI's prefix (the same path on
     # every host, like the project and its environment).
     MPI_PREFIX=$(cd "$(dirname "$(readlink -f "$(command -v "$MPIRUN")")")/.." && pwd)
@@ -125,22 +140,27 @@ export FEDML_STATUS_FILE="$STATUS_FILE"
 GRACE=${FEDML_EXIT_GRACE:-15}
 
 cd "$EXP_DIR"
-# Job control puts mpirun in a process group of its own, so that stopping it also stops
-# its ssh sessions (one to a cut-off host would otherwise linger).
-set -m
+# mpirun runs in a session (and process group) of its own, so that stopping the group
+# also stops its ssh sessions (one to a cut-off host would otherwise linger). setsid
+# execs in place here: a script's background job is no process group leader.
 # shellcheck disable=SC2086  # MPI_FLAGS and MPIRUN_ARGS are word lists
-"$MPIRUN" $MPI_FLAGS -x FEDML_STATUS_FILE -x THP_MEM_ALLOC_ENABLE ${MPIRUN_ARGS:-} "$PYTHON" ./main_fedavg.py "$@" &
+setsid "$MPIRUN" $MPI_FLAGS -x FEDML_STATUS_FILE -x THP_MEM_ALLOC_ENABLE ${MPIRUN_ARGS:-} "$PYTHON" ./main_fedavg.py "$@" &
 MPIRUN_PID=$!
-set +m
 trap 'kill -TERM -- "-$MPIRUN_PID" 2>/dev/null' INT TERM HUP
 
-WAITED=0  # tenths of a second since the server reported
+WAITED=0  # tenths of a second since the server reported, or since it died without reporting
 STOPPED=no
+SERVER_DIED=no
+THIS_HOST=$(hostname)
 while kill -0 "$MPIRUN_PID" 2>/dev/null; do
-    if [ -f "$STATUS_FILE" ]; then
+    if [ -f "$STATUS_FILE" ] || [ "$SERVER_DIED" = yes ]; then
         WAITED=$((WAITED + 1))
         if [ "$STOPPED" = no ] && [ "$WAITED" -ge $((GRACE * 10)) ]; then
-            echo "launcher: the server finished ${GRACE} s ago but some ranks have not exited (frozen or hung clients); stopping them" >&2
+            if [ "$SERVER_DIED" = yes ]; then
+                echo "launcher: the server (process 0) died without reporting an exit status; stopping the job" >&2
+            else
+                echo "launcher: the server finished ${GRACE} s ago but some ranks have not exited (frozen or hung clients); stopping them" >&2
+            fi
             kill -TERM -- "-$MPIRUN_PID" 2>/dev/null || true
             STOPPED=yes
         elif [ "$STOPPED" = yes ] && [ "$WAITED" -ge $((GRACE * 10 + 30)) ]; then
@@ -149,15 +169,25 @@ while kill -0 "$MPIRUN_PID" 2>/dev/null; do
             pkill -KILL -P "$MPIRUN_PID" 2>/dev/null || true
             kill -KILL -- "-$MPIRUN_PID" 2>/dev/null || true
         fi
+    elif [ -f "$STATUS_FILE.server" ]; then
+        # "HOST PID" of the server; it can be watched when it runs on this machine.
+        read -r SERVER_HOST SERVER_PID < "$STATUS_FILE.server" || true
+        if [ "$SERVER_HOST" = "$THIS_HOST" ] && ! kill -0 "$SERVER_PID" 2>/dev/null && [ ! -f "$STATUS_FILE" ]; then
+            SERVER_DIED=yes
+            WAITED=$(( GRACE > 2 ? (GRACE - 2) * 10 : 0 ))  # the clients get 2 s to notice and exit by themselves
+        fi
     fi
     sleep 0.1
 done
 MPI_STATUS=0
 wait "$MPIRUN_PID" || MPI_STATUS=$?
-[ "$STOPPED" = no ] || kill -KILL -- "-$MPIRUN_PID" 2>/dev/null || true  # whatever ignored TERM
+kill -KILL -- "-$MPIRUN_PID" 2>/dev/null || true  # whatever is left of the job on this machine
+rm -f "$STATUS_FILE.server"
 if [ -f "$STATUS_FILE" ]; then
     SERVER_STATUS=$(cat "$STATUS_FILE")
     rm -f "$STATUS_FILE"
     exit "$SERVER_STATUS"
 fi
+# The server never reported: the run did not complete, whatever mpirun says.
+[ "$MPI_STATUS" != 0 ] || MPI_STATUS=1
 exit "$MPI_STATUS"

@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 import setproctitle
 
@@ -17,14 +18,22 @@ from fedml_api.distributed.fedavg.args import add_federation_args, check_federat
 from fedml_api.distributed.fedavg.FedAvgAPI import FedML_FedAvg_distributed, FedML_init  # noqa: E402
 from fedml_api.utils.process_setup import init_training_device, seed_everything  # noqa: E402
 from fedml_core.trainer.result_aggregator import WeightedMeanResultAggregator  # noqa: E402
-from tiny_federation import TinyTrainer, make_model  # noqa: E402
+from tiny_federation import FaultyTrainer, make_model  # noqa: E402
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     comm, process_id, worker_number = FedML_init()
     parser = add_federation_args(argparse.ArgumentParser())
     parser.add_argument("--train_delay", type=float, default=0.0, help="seconds each local training sleeps first")
+    parser.add_argument("--inject_error", action="append", default=[], help="METHOD:CLIENT[:ROUND] (see FaultyTrainer)")
+    parser.add_argument("--finish_delay", type=float, default=0.0,
+                        help="seconds the server sleeps after the last round, before writing its results")
     args = parser.parse_args()
+    if args.finish_delay:  # lets tests act after the last round, once the clients are released
+        from fedml_api.utils.run_recorder import RunRecorder
+
+        finish = RunRecorder.finish
+        RunRecorder.finish = lambda self, *a, **k: (time.sleep(args.finish_delay), finish(self, *a, **k))[1]
     check_federation_args(args)
     setproctitle.setproctitle("FedAvg (distributed):" + str(process_id))
     seed_everything(args.seed)
@@ -34,5 +43,5 @@ if __name__ == "__main__":
         process_id, worker_number, device, comm, model, args,
         os.path.join(args.data_path, str(process_id), "train"),
         os.path.join(args.data_path, str(process_id), "test"),
-        WeightedMeanResultAggregator(), TinyTrainer(model),
+        WeightedMeanResultAggregator(), FaultyTrainer(model, args.inject_error),
     )

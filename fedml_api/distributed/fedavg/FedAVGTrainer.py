@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import operator
 import time
 from argparse import Namespace
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 import torch
 
@@ -17,8 +18,21 @@ def round_seed(seed: int, round_idx: int, client_id: int) -> int:
     return (seed * 1_000_003 + round_idx) * 1_000_003 + client_id
 
 
+class UserCodeError(RuntimeError):
+    """A method of the user's ModelTrainer raised, or returned something unusable.
+
+    The message names the class, the method and the original exception, e.g.
+    ``"MyTrainer.train() raised ValueError: bad shape"``; it is what the server records
+    as the client's failure.
+    """
+
+
 class FedAVGTrainer:
     """Loads the global model, trains and tests it on this client's own data.
+
+    Every call into the user's ModelTrainer goes through here, so an exception in it
+    becomes a :class:`UserCodeError` naming the method (the client reports it to the
+    server instead of dying silently).
 
     Args:
         client_id: this client's process id (1..CLIENT_NUM).
@@ -26,6 +40,10 @@ class FedAVGTrainer:
         device: where to train.
         args: the run's arguments, handed to the ModelTrainer.
         model_trainer: the user's :class:`ModelTrainer`.
+
+    Raises:
+        UserCodeError: ``get_local_sample_number`` raised or did not return a sample
+            count (an integer, at least 1 for the training data, at least 0 for the test data).
     """
 
     def __init__(self, client_id: int, train_path: str, test_path: str, device: torch.device, args: Namespace, model_trainer: ModelTrainer) -> None:
@@ -35,11 +53,36 @@ class FedAVGTrainer:
         self.device = device
         self.args = args
         self.trainer = model_trainer
-        self.train_sample_number = model_trainer.get_local_sample_number(train_path)
-        self.test_sample_number = model_trainer.get_local_sample_number(test_path)
+        self.train_sample_number = self._sample_number(train_path, minimum=1)
+        self.test_sample_number = self._sample_number(test_path, minimum=0)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """``self.trainer.<method>(*args)``, with any exception turned into a UserCodeError."""
+        function: Callable[..., Any] = getattr(self.trainer, method)
+        try:
+            return function(*args)
+        except Exception as error:
+            raise UserCodeError(f"{self._name(method)} raised {type(error).__name__}: {error}") from error
+
+    def _name(self, method: str) -> str:
+        return f"{type(self.trainer).__name__}.{method}()"
+
+    def _sample_number(self, path: str, minimum: int) -> int:
+        count = self._call("get_local_sample_number", path)
+        try:
+            if isinstance(count, bool):
+                raise TypeError
+            number = operator.index(count)  # int, numpy integers; not 3.0 or "3"
+        except TypeError:
+            raise UserCodeError(f"{self._name('get_local_sample_number')} must return an integer sample count "
+                                f"for {path}, got {count!r} ({type(count).__name__})") from None
+        if number < minimum:
+            raise UserCodeError(f"{self._name('get_local_sample_number')} returned {number} for {path}; "
+                                f"expected at least {minimum} samples")
+        return number
 
     def update_model(self, global_params: Mapping[str, torch.Tensor]) -> None:
-        self.trainer.set_model_params(global_params)
+        self._call("set_model_params", global_params)
 
     def train(self, round_idx: int) -> Tuple[Dict[str, torch.Tensor], int, float]:
         """Train locally for round ``round_idx``; returns (state, sample number, seconds).
@@ -52,20 +95,20 @@ class FedAVGTrainer:
         self.args.round_idx = round_idx
         seed_everything(round_seed(getattr(self.args, "seed", 0), round_idx, self.client_id))
         start = time.perf_counter()
-        self.trainer.train(self.device, self.args, self.train_path)
+        self._call("train", self.device, self.args, self.train_path)
         seconds = time.perf_counter() - start
-        return self.trainer.get_model_params(), self.train_sample_number, seconds
+        return self._call("get_model_params"), self.train_sample_number, seconds
 
     def test(self) -> Tuple[Dict[str, Any], int, float]:
         """Test the current model on this client's test data; (metrics, sample number, seconds)."""
         start = time.perf_counter()
-        result = self.trainer.test(self.device, self.args, self.test_path)
+        result = self._call("test", self.device, self.args, self.test_path)
         seconds = time.perf_counter() - start
         try:
-            json.dumps(result)
+            json.dumps(result, allow_nan=True)
         except (TypeError, ValueError) as error:
-            raise TypeError(
-                f"{type(self.trainer).__name__}.test() must return a JSON-serialisable dict of metrics "
-                f"(plain floats/ints/strings), got {result!r}: {error}"
+            raise UserCodeError(
+                f"{self._name('test')} must return a JSON-serialisable dict of metrics "
+                f"(plain floats/ints/strings; convert tensors with .item()), got {result!r}: {error}"
             ) from None
         return result, self.test_sample_number, seconds

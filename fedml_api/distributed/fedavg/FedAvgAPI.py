@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from argparse import Namespace
 from typing import TYPE_CHECKING, Optional, Tuple
 
@@ -13,22 +14,30 @@ if TYPE_CHECKING:
 from fedml_core.distributed.communication.transport import Transport
 from fedml_core.trainer.model_trainer import ModelTrainer
 from fedml_core.trainer.result_aggregator import ResultAggregator
-from fedml_api.utils.launch_status import report_server_exit
+from fedml_api.utils.launch_status import report_server_exit, report_server_start
 from fedml_api.utils.run_recorder import RunRecorder
 
 from .FedAVGAggregator import FedAVGAggregator
-from .FedAVGTrainer import FedAVGTrainer
-from .FedAvgClientManager import FedAVGClientManager
+from .FedAVGTrainer import FedAVGTrainer, UserCodeError
+from .FedAvgClientManager import FedAVGClientManager, ServerLost, report_failure
 from .checkpoint import check_same_model, load_checkpoint
+from .preflight import preflight_process_num, run_preflight
 from .FedAvgServerManager import FederationError, FedAVGServerManager, release_clients
 
 
 def FedML_init() -> Tuple["MPI.Comm", int, int]:
     """Initialise MPI; returns ``(comm, process_id, worker_number)``, where
-    ``worker_number`` is the number of processes (the server plus CLIENT_NUM clients)."""
+    ``worker_number`` is the number of processes (the server plus CLIENT_NUM clients).
+
+    In the launcher's pre-flight check (see :mod:`.preflight`) this process is alone
+    (MPI runs as a singleton) and stands for process 0 of the run to come.
+    """
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
+    preflight = preflight_process_num()
+    if preflight is not None:
+        return comm, 0, preflight
     return comm, comm.Get_rank(), comm.Get_size()
 
 
@@ -68,6 +77,8 @@ def FedML_FedAvg_distributed(
             f"{worker_number} processes run, which means {worker_number - 1} clients, but "
             f"--client_num_in_total is {args.client_num_in_total}; launch CLIENT_NUM + 1 processes"
         )
+    if preflight_process_num() is not None:
+        run_preflight(args, model_trainer)
     if transport is None:
         from fedml_core.distributed.communication.mpi_transport import MpiTransport
 
@@ -82,12 +93,17 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
     """Build the aggregator and server manager (from ``args.resume``'s checkpoint if
     given), then run the rounds.
 
-    A run that cannot go on (too few clients, a bad checkpoint) logs why as its last
-    line, releases the clients and exits with status 1 (``SystemExit``).
+    A run that cannot go on or did not succeed (too few clients, a bad checkpoint, no
+    final test metrics, an exception in the server's own code) releases the clients,
+    writes ``summary.json`` with the reason, logs ``FedAvg stopped: <reason>`` as its last
+    line and exits with status 1 (``SystemExit``).
     """
+    report_server_start()
+    start = time.perf_counter()
     aggregator = FedAVGAggregator(model_trainer, result_aggregator, args)
     checkpoint = None
     recorder = None
+    manager = None
     status = 1
     try:
         if args.resume:
@@ -99,11 +115,18 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
         manager = FedAVGServerManager(args, aggregator, transport, recorder, resume_from=checkpoint)
         manager.run()
         status = 0
-    except (FederationError, ValueError, FileNotFoundError) as error:
-        if recorder is None:  # failed before the run started: the clients still wait for us
+    except Exception as error:
+        if isinstance(error, (FederationError, ValueError, FileNotFoundError)):
+            reason = str(error)
+        else:  # a bug, in the framework or in the server's user code (e.g. the ResultAggregator)
+            logging.exception("server: unexpected error")
+            reason = f"{type(error).__name__}: {error}"
+        if manager is None:  # failed before the run started: the clients still wait for us
             release_clients(transport, args.client_num_in_total)
-        logging.error("FedAvg stopped: %s", error)
-        raise SystemExit(f"FedAvg stopped: {error}") from None
+        if recorder is not None and recorder.summary is None:
+            recorder.write_summary(time.perf_counter() - start, manager.failed if manager else None, stopped=reason)
+        logging.error("FedAvg stopped: %s", reason)
+        raise SystemExit(f"FedAvg stopped: {reason}") from None
     finally:
         if recorder is not None:
             recorder.close()
@@ -112,11 +135,28 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
 
 
 def init_client(args: Namespace, device: torch.device, transport: Transport, process_id: int, model_trainer: ModelTrainer, train_path: str, test_path: str) -> None:
-    """Build this client's trainer and manager, then serve the server until it finishes."""
-    status = 1
+    """Build this client's trainer and manager, then serve the server until it finishes.
+
+    Any exception in the user's code (or ours) is reported to the server, which records
+    it as this client's failure and goes on without it; this process then exits with
+    status 1 (``SystemExit``) instead of waiting for a run it has left.
+    """
+    status, finalize = 1, False
     try:
         trainer = FedAVGTrainer(process_id, train_path, test_path, device, args, model_trainer)
-        FedAVGClientManager(args, trainer, transport).run()
+        manager = FedAVGClientManager(args, trainer, transport)
+        manager.run()
+        status, finalize = 0, manager.finalize
+    except ServerLost:
+        raise
+    except Exception as error:
+        reason = str(error) if isinstance(error, UserCodeError) else f"{type(error).__name__}: {error}"
+        logging.exception("client %d: stopping: %s", process_id, reason)
+        report_failure(transport, reason)
+        # The process exits 0 under MPI: once one rank has exited non-zero, Open MPI ends
+        # the whole job (the server included) when the next rank exits. The failure is
+        # the server's to record and report; the run's exit status is the server's.
         status = 0
+        raise SystemExit(f"client {process_id} stopped: {reason}") from None
     finally:
-        transport.close(status)
+        transport.close(status, finalize=finalize)

@@ -2,16 +2,26 @@
 from __future__ import annotations
 
 import logging
+import time
 from argparse import Namespace
 
 from fedml_core.distributed.client.client_manager import ClientManager
 from fedml_core.distributed.communication.message import Message
 from fedml_core.distributed.communication.packed_tensors import PackedTensors, pack_module
-from fedml_core.distributed.communication.transport import Transport
+from fedml_core.distributed.communication.transport import PeerFailure, Transport, TransportTimeout
 from fedml_core.trainer.model_trainer import ModelTrainer
 
 from .FedAVGTrainer import FedAVGTrainer
 from .message_define import MyMessage
+
+# How long a failing client waits for the server to take its failure report.
+FAILURE_ACK_TIMEOUT = 60.0
+# A failure reason longer than this is cut (an exception message can hold a whole tensor).
+MAX_REASON_CHARS = 2000
+
+
+class ServerLost(RuntimeError):
+    """The server (process 0) died: this client has nobody to work for."""
 
 
 class FedAVGClientManager(ClientManager):
@@ -20,6 +30,8 @@ class FedAVGClientManager(ClientManager):
     def __init__(self, args: Namespace, trainer: FedAVGTrainer, transport: Transport) -> None:
         super().__init__(args, transport)
         self.trainer = trainer
+        # Set by the server's finish message: whether the job ends with MPI_Finalize.
+        self.finalize = True
         # Every model this client receives is loaded into its model at once: with the
         # model packed, it arrives in the model's own memory (loading it copies nothing)
         # and the trained state goes back as one buffer per dtype, lent to a server on
@@ -97,14 +109,40 @@ class FedAVGClientManager(ClientManager):
 
     def handle_message_finish(self, msg: Message) -> None:
         logging.info("client %d: finished", self.rank)
+        self.finalize = bool(msg.params.get(MyMessage.MSG_ARG_KEY_FINALIZE, True))
         self.finish()
 
     def on_peer_failure(self, ranks) -> None:
         for rank in ranks:
             self.transport.abandon(rank)
         if 0 in ranks:
-            raise RuntimeError(f"client {self.rank}: the server (process 0) died; stopping")
+            raise ServerLost(f"client {self.rank}: the server (process 0) died; stopping")
         # Another client died: nothing to do with us.
+
+
+def report_failure(transport: Transport, reason: str) -> None:
+    """Tell the server that this client stops because of ``reason`` (e.g. ``"MyTrainer.train()
+    raised ValueError: ..."``), then wait up to FAILURE_ACK_TIMEOUT seconds for its finish
+    message: the process exits next, and a report still in its send queue would die with it.
+    Best effort: returns early if the server is gone."""
+    if len(reason) > MAX_REASON_CHARS:
+        reason = reason[:MAX_REASON_CHARS] + " ..."
+    report = Message(MyMessage.MSG_TYPE_C2S_CLIENT_FAILED, transport.rank, 0)
+    report.add_params(MyMessage.MSG_ARG_KEY_ERROR, reason)
+    deadline = time.monotonic() + FAILURE_ACK_TIMEOUT
+    try:
+        transport.send(report, timeout=FAILURE_ACK_TIMEOUT)
+    except (PeerFailure, TransportTimeout):
+        return
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            reply = transport.receive(timeout=left)
+        except PeerFailure as failure:
+            if 0 in failure.ranks:
+                return
+            continue  # another client died: still waiting for the server
+        if reply is None or reply.msg_type == MyMessage.MSG_TYPE_S2C_FINISH:
+            return
 
 
 def _places(state) -> list:

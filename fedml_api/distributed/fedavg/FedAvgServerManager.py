@@ -34,13 +34,22 @@ class FedAVGServerManager(ServerManager):
     written, in the background; the last one is on disk before the run ends, whether it
     completes or stops.
 
-    Failures: a client that dies (reported by the transport), does not answer within
-    ``args.round_timeout`` seconds, or cannot be sent to, is marked failed and left out
-    of later rounds; the round is aggregated from the updates that arrived if there are
+    Failures: a client that dies (reported by the transport), reports that its code
+    raised (``C2S_CLIENT_FAILED``), does not answer within ``args.round_timeout``
+    seconds, or cannot be sent to, is marked failed and left out of later rounds; the round is aggregated from the updates that arrived if there are
     at least ``min_clients`` of them, else the run stops with :class:`FederationError`.
     A failed client that later sends anything is known to be back and may be sampled
     again. An update with the wrong tensors (on arrival) or non-finite values (while
     aggregating) is rejected and the round goes on without it.
+
+    The first phase in which a client trains (and the first in which it tests) carries
+    its one-time costs (first passes, data loading, allocations): such a phase waits
+    ``args.startup_timeout`` seconds longer than ``args.round_timeout``, so a timeout set
+    from the steady rounds does not fail every client in round 0.
+
+    The run succeeds (:meth:`run` returns) only when every round ran and the final test
+    produced metrics; otherwise it raises :class:`FederationError` saying why, after
+    writing what it has (checkpoint, summary).
 
     Args:
         args: needs ``comm_round``, ``frequency_of_the_test``, ``checkpoint_every``, ``client_num_in_total``,
@@ -73,6 +82,10 @@ class FedAVGServerManager(ServerManager):
         self._train_seconds: List[float] = []
         self._test_results: Dict[int, Dict[str, Any]] = {}
         self._round_start = self._phase_start = 0.0
+        # Clients that have been in a training / test phase of this server process.
+        self._started: Dict[str, set] = {"train": set(), "test": set()}
+        self._phase_has_allowance = False
+        self._released = False
         self._run_start = time.perf_counter()
         self.checkpoints = CheckpointWriter(args.run_dir)
         if args.shared_memory == "on":
@@ -83,6 +96,7 @@ class FedAVGServerManager(ServerManager):
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENT_READY, self.handle_message_client_ready)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, self.handle_message_receive_model_from_client)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_SEND_TEST_RESULT, self.handle_message_receive_test_result)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENT_FAILED, self.handle_message_client_failed)
 
     def run(self) -> None:
         try:
@@ -205,6 +219,8 @@ class FedAVGServerManager(ServerManager):
         if self._test_results:
             self._record["test"] = self.aggregator.aggregate_test_results(self._test_results)
             self._record["tested_clients"] = sorted(self._test_results)
+        else:
+            self._record["test_error"] = f"no client returned a test result (failed clients: {sorted(self.failed)})"
         self._record["test_seconds"] = time.perf_counter() - self._phase_start
         self._end_round()
 
@@ -214,7 +230,13 @@ class FedAVGServerManager(ServerManager):
         self._phase = phase
         self._waiting = set(clients)
         self._phase_start = time.perf_counter()
-        self.deadline = None if self.round_timeout is None else time.monotonic() + self.round_timeout
+        self._phase_has_allowance = not self._started[phase].issuperset(clients)
+        self._started[phase].update(clients)
+        if self.round_timeout is None:
+            self.deadline = None
+        else:
+            allowance = (self.args.startup_timeout or 0.0) if self._phase_has_allowance else 0.0
+            self.deadline = time.monotonic() + self.round_timeout + allowance
         messages = []
         for client_id in clients:
             message = Message(msg_type, self.rank, client_id)
@@ -252,9 +274,21 @@ class FedAVGServerManager(ServerManager):
             logging.warning("server: ignoring an unexpected message from client %d", sender)
         return False
 
+    def handle_message_client_failed(self, msg: Message) -> None:
+        """A client's code raised: it stops. Record why and let it go (it waits for this
+        finish message so that its report is not lost)."""
+        sender = msg.get_sender_id()
+        release_clients(self.transport, [sender], finalize=False)
+        self.failed.pop(sender, None)  # e.g. timed out before: the report says what really happened
+        self._client_failed(sender, str(msg.get(MyMessage.MSG_ARG_KEY_ERROR)))
+        self._maybe_end_phase()
+
     def on_deadline(self) -> None:
         if self._phase == "startup":
             reason = f"not ready within --startup_timeout={self.args.startup_timeout} s"
+        elif self._phase_has_allowance:
+            reason = (f"no reply within --round_timeout={self.round_timeout} s "
+                      f"(+ --startup_timeout={self.args.startup_timeout} s for a first {self._phase})")
         else:
             reason = f"no reply within --round_timeout={self.round_timeout} s"
         for client_id in sorted(self._waiting):
@@ -302,8 +336,14 @@ class FedAVGServerManager(ServerManager):
     def _finish_run(self) -> None:
         self._release_clients()
         self.checkpoints.close()
-        self.recorder.finish(self.aggregator.global_model_state(), wall_seconds=time.perf_counter() - self._run_start)
+        final = self.recorder.records[-1]
+        problem = None if final.get("test") else final.get("test_error", "the ResultAggregator returned no metrics")
+        self.recorder.finish(self.aggregator.global_model_state(), wall_seconds=time.perf_counter() - self._run_start,
+                             failed_clients=self.failed,
+                             stopped=None if problem is None else f"the final test produced no metrics: {problem}")
         self.finish()
+        if problem is not None:
+            raise FederationError(f"all {self.round_num} rounds ran, but the final test produced no metrics: {problem}")
 
     def _flush_checkpoints(self) -> None:
         """Let the last round's checkpoint reach the disk before the run stops."""
@@ -315,12 +355,24 @@ class FedAVGServerManager(ServerManager):
     def _release_clients(self) -> None:
         # Failed clients too: one that was only slow must not wait for us forever. The
         # message is tiny, so a send to a frozen peer completes locally; a dead one fails fast.
-        release_clients(self.transport, self.clients)
+        if not self._released:
+            self._released = True
+            release_clients(self.transport, self.clients)
 
 
-def release_clients(transport: Transport, clients) -> None:
-    """Tell ``clients`` (ids, or a count meaning 1..count) to finish; best effort, bounded time."""
+def release_clients(transport: Transport, clients, finalize: Optional[bool] = None) -> None:
+    """Tell ``clients`` (ids, or a count meaning 1..count) to finish; best effort, bounded time.
+
+    ``finalize``: whether they may end with the job-wide shutdown handshake; by default
+    whether this process may (:meth:`Transport.can_finalize`), since all must agree.
+    """
     ids = range(1, clients + 1) if isinstance(clients, int) else clients
-    messages = [Message(MyMessage.MSG_TYPE_S2C_FINISH, transport.rank, c) for c in ids]
+    if finalize is None:
+        finalize = transport.can_finalize()
+    messages = []
+    for client_id in ids:
+        message = Message(MyMessage.MSG_TYPE_S2C_FINISH, transport.rank, client_id)
+        message.add_params(MyMessage.MSG_ARG_KEY_FINALIZE, finalize)
+        messages.append(message)
     for client_id, error in transport.send_many(messages, timeout=FINISH_SEND_TIMEOUT).items():
         logging.warning("server: could not tell client %d to finish: %s", client_id, error)

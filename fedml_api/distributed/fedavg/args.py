@@ -2,10 +2,33 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import time
-from typing import Optional
+from typing import List, Optional, Sequence
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose error for an unknown option names the closest valid one
+    (``--lrr``: did you mean ``--lr``?; ``--data-path``: did you mean ``--data_path``?)."""
+
+    def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Optional[argparse.Namespace] = None) -> argparse.Namespace:
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            hints = [hint for hint in (self._closest_option(arg) for arg in unknown) if hint]
+            self.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
+        return parsed
+
+    def _closest_option(self, arg: str) -> Optional[str]:
+        if not arg.startswith("-"):
+            return None
+        name = arg.split("=", 1)[0]
+        options: List[str] = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        # Hyphens for underscores is the commonest slip; then plain typos.
+        spelled = "--" + name.lstrip("-").replace("-", "_")
+        match = spelled if spelled in options else next(iter(difflib.get_close_matches(spelled, options, n=1, cutoff=0.6)), None)
+        return f"{name}: did you mean {match}?" if match else None
 
 
 def add_federation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

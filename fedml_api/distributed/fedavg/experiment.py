@@ -32,8 +32,9 @@ from fedml_api.utils.wandb_setup import init_wandb
 from fedml_core.trainer.model_trainer import ModelTrainer
 from fedml_core.trainer.result_aggregator import ResultAggregator
 
-from .args import add_federation_args, check_federation_args, default_run_dir
+from .args import ArgumentParser, add_federation_args, check_federation_args, default_run_dir
 from .FedAvgAPI import FedML_FedAvg_distributed, FedML_init
+from .preflight import preflight_process_num
 
 
 def run_fedavg_experiment(
@@ -59,7 +60,7 @@ def run_fedavg_experiment(
 
     comm, process_id, worker_number = FedML_init()
 
-    parser = argparse.ArgumentParser(description=f"{name}: FedAvg over MPI")
+    parser = ArgumentParser(description=f"{name}: FedAvg over MPI")
     add_federation_args(parser)
     add_model_args(parser)
     args = parser.parse_args()
@@ -76,7 +77,7 @@ def run_fedavg_experiment(
     logging.info("process %d of %d on host %s (pid %d)", process_id, worker_number, socket.gethostname(), os.getpid())
 
     wandb_run = None
-    if process_id == 0:
+    if process_id == 0 and preflight_process_num() is None:  # the launcher's check writes nothing
         args.run_dir = args.run_dir or default_run_dir(name)
         os.makedirs(args.run_dir, exist_ok=True)
         wandb_run = init_wandb(args, project="fedml", name=f"FedAvg-{name}-r{args.comm_round}-c{args.client_num_in_total}")

@@ -5,7 +5,10 @@ starts the first round when all have (or ``--startup_timeout`` passed).
 Round protocol: the server sends ``S2C_SYNC_MODEL_TO_CLIENT`` (global model) to the
 round's sampled clients, each answers ``C2S_SEND_MODEL_TO_SERVER`` (its trained state
 and sample number); on test rounds the server sends ``S2C_TEST_MODEL`` to every client,
-each answers ``C2S_SEND_TEST_RESULT``; at the end the server sends ``S2C_FINISH``.
+each answers ``C2S_SEND_TEST_RESULT``; at the end the server sends ``S2C_FINISH``
+(``finalize``: whether the ranks may end with MPI_Finalize, i.e. no peer was lost).
+Failure: a client whose code raised sends ``C2S_CLIENT_FAILED`` (``error``: what
+raised), waits for the server's ``S2C_FINISH`` (so the report is not lost) and exits.
 """
 
 
@@ -19,6 +22,7 @@ class MyMessage:
     MSG_TYPE_C2S_CLIENT_READY = 10
     MSG_TYPE_C2S_SEND_MODEL_TO_SERVER = 11
     MSG_TYPE_C2S_SEND_TEST_RESULT = 12
+    MSG_TYPE_C2S_CLIENT_FAILED = 13
 
     # params
     MSG_ARG_KEY_ROUND_INDEX = "round_idx"
@@ -26,3 +30,5 @@ class MyMessage:
     MSG_ARG_KEY_TRAIN_SECONDS = "train_seconds"
     MSG_ARG_KEY_TEST_RESULT = "test_result"
     MSG_ARG_KEY_TEST_SECONDS = "test_seconds"
+    MSG_ARG_KEY_ERROR = "error"
+    MSG_ARG_KEY_FINALIZE = "finalize"

@@ -156,12 +156,15 @@ class MpiTransport(Transport):
     def abandon(self, rank: int) -> None:
         self.failed_ranks.add(rank)
 
-    def close(self, exit_status: int = 0) -> None:
+    def can_finalize(self) -> bool:
+        return not self.failed_ranks
+
+    def close(self, exit_status: int = 0, finalize: bool = True) -> None:
         """Finish with the job. MPI_Finalize waits for every process of the job, so after a
-        peer died or was given up on it can wait forever: then the process exits with
-        ``exit_status`` at interpreter shutdown without finalizing MPI (after the other
-        exit handlers, e.g. wandb's, have run)."""
-        if self.failed_ranks:
+        peer died or was given up on (or when ``finalize`` is False) it could wait forever:
+        then the process exits with ``exit_status`` at interpreter shutdown without
+        finalizing MPI (after the other exit handlers, e.g. wandb's, have run)."""
+        if not (finalize and self.can_finalize()):
             atexit.register(_exit_without_mpi_finalize, exit_status)
 
     # -- sending -----------------------------------------------------------------

@@ -108,5 +108,17 @@ class Transport(ABC):
     def abandon(self, rank: int) -> None:
         """Note that ``rank`` was given up on (dead, frozen, unreachable)."""
 
-    def close(self, exit_status: int = 0) -> None:
-        """This process is done with the job and will exit with ``exit_status``."""
+    def can_finalize(self) -> bool:
+        """Whether this process may take part in the job-wide shutdown handshake
+        (MPI_Finalize): False once any peer died or was given up on, since the handshake
+        would then wait for it forever. Every live rank must decide alike (the server
+        tells the clients in its finish message), or those that finalize wait forever
+        for those that do not."""
+        return True
+
+    def close(self, exit_status: int = 0, finalize: bool = True) -> None:
+        """This process is done with the job and will exit with ``exit_status``.
+
+        ``finalize=False``: leave without the shutdown handshake (see :meth:`can_finalize`),
+        e.g. a client that stops early, or one the server told that a peer was lost.
+        """
