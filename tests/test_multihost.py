@@ -167,10 +167,11 @@ def test_make_hostfile_check_names_a_host_without_the_python_environment(cluster
 
 @pytest.fixture
 def recording_mpirun(tmp_path) -> Tuple[Path, Path]:
-    """A stand-in mpirun that records its arguments (one per line) and exits."""
+    """A stand-in mpirun that records its arguments (one per line) and exits as a
+    successful run does (the server reports status 0 to the launcher)."""
     record = tmp_path / "mpirun_args"
     fake = tmp_path / "mpirun"
-    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\necho 0 > "$FEDML_STATUS_FILE"\n')
     fake.chmod(0o755)
     return fake, record
 
