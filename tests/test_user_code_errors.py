@@ -48,8 +48,12 @@ def test_a_sample_count_of_zero_is_found_at_start_up_before_any_training(tmp_pat
 
 
 def test_exceptions_in_get_local_sample_number_and_set_model_params_are_named(tmp_path):
-    _, run_dir, errors = run_with_faults(tmp_path, "get_local_sample_number:2")
-    assert records_of(run_dir)[0]["failures"] == {"2": f"FaultyTrainer.get_local_sample_number() raised ValueError: cannot read {tmp_path / 'data' / '2' / 'train'}"}
+    _, run_dir, errors = run_with_faults(tmp_path / "a", "get_local_sample_number:2")
+    train_path = tmp_path / "a" / "data" / "2" / "train"
+    assert records_of(run_dir)[0]["failures"] == {"2": f"FaultyTrainer.get_local_sample_number() raised ValueError: cannot read {train_path}"}
+    _, run_dir, errors = run_with_faults(tmp_path / "b", "set_model_params:3")
+    assert list(errors) == [3]
+    assert records_of(run_dir)[0]["failures"] == {"3": "FaultyTrainer.set_model_params() raised ValueError: injected bug in set_model_params()"}
 
 
 def test_a_run_whose_every_client_fails_at_test_time_exits_non_zero_with_the_reason(tmp_path):

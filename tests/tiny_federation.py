@@ -116,11 +116,17 @@ class FaultyTrainer(TinyTrainer):
         return False
 
     def get_local_sample_number(self, train_path: str) -> int:
+        self.path = train_path  # the first call: which client this trainer serves
         if self._fault("get_local_sample_number", train_path):
             raise ValueError(f"cannot read {train_path}")
         if self._fault("sample_number_zero", train_path):
             return 0
         return super().get_local_sample_number(train_path)
+
+    def set_model_params(self, model_parameters: Dict[str, torch.Tensor]) -> None:
+        if self._fault("set_model_params", self.path):
+            raise ValueError("injected bug in set_model_params()")
+        super().set_model_params(model_parameters)
 
     def train(self, device: torch.device, args: Namespace, train_path: str) -> None:
         if self._fault("train", train_path, args.round_idx):
