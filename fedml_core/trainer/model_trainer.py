@@ -3,9 +3,31 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from argparse import Namespace
-from typing import Any, Dict
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Sequence, Union
 
+import numpy as np
 import torch
+
+from .interface import check_methods
+
+# What get_model_params may return: name -> tensor or numpy array (a dict, an
+# OrderedDict), or a list of them in a fixed order.
+ModelParams = Union[Mapping[str, Any], Sequence[Any]]
+
+TRAINER_METHODS = (
+    {"get_model_params": "()"},
+    {"set_model_params": "(model_parameters)"},
+    {"get_local_sample_number": "(train_path)"},
+    {"train": "(device, args, train_path)"},
+    {"test": "(device, args, test_path)"},
+)
+
+
+def check_trainer(trainer: Union[object, type]) -> None:
+    """Raise TypeError naming the trainer's class and the first method of the
+    ModelTrainer interface it lacks (with the closest name it defines, if any)."""
+    check_methods(trainer, "the ModelTrainer", TRAINER_METHODS)
 
 
 class ModelTrainer(ABC):
@@ -13,21 +35,44 @@ class ModelTrainer(ABC):
 
     Every process (server and clients) builds one in ``main_fedavg.py`` around the same
     architecture. The server uses it only to hold and hand out the global parameters; the
-    clients also train and test with it. ``self.model`` is the wrapped ``torch.nn.Module``.
+    clients also train and test with it. ``self.model`` is the wrapped ``torch.nn.Module``;
+    ``self.id`` is this client's index (``process_id - 1``, the ``client_idx`` of the
+    result aggregator's ``result_dict``), set with :meth:`set_id` before the client first
+    calls any other method; 0 on the server.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "ModelTrainer":
+        # Before ABC's own check: a misspelt method gets a message that says so.
+        check_trainer(cls)
+        return super().__new__(cls)
 
     def __init__(self, model: torch.nn.Module, args: Namespace | None = None) -> None:
         self.model = model
         self.args = args
+        self.id = 0
 
-    def get_model_params(self) -> Dict[str, torch.Tensor]:
+    def set_id(self, trainer_id: int) -> None:
+        """Set ``self.id``; the federation calls it on each client with ``process_id - 1``."""
+        self.id = trainer_id
+
+    def get_model_params(self) -> ModelParams:
         """Return the model's full state: parameters AND buffers (BatchNorm statistics,
         ``num_batches_tracked`` counters), as ``state_dict()`` does. Tensors may share
-        memory with the model; the framework copies them before the model changes."""
+        memory with the model; the framework copies them before the model changes.
+
+        An override may return numpy arrays instead of tensors, and a list instead of a
+        name -> value mapping (see :func:`as_named_tensors`); whatever it returns is the
+        federated state, so a subset (e.g. only ``named_parameters()``) is averaged alone.
+        """
         return self.model.state_dict()
 
     def set_model_params(self, model_parameters: Dict[str, torch.Tensor]) -> None:
-        """Load a full state (the global model) into ``self.model``; keys must match."""
+        """Load a full state (the global model) into ``self.model``; keys must match.
+
+        ``model_parameters`` has the names, dtypes and form that :meth:`get_model_params`
+        returned: CPU tensors, or numpy arrays if it returned numpy arrays; a list, in
+        that order, if it returned a list (see :class:`ParamsForm`).
+        """
         self.model.load_state_dict(model_parameters)
 
     @abstractmethod
@@ -46,3 +91,63 @@ class ModelTrainer(ABC):
         Returns a JSON-serialisable dict of metrics, e.g. ``{"accuracy": 0.91, "loss": 0.3}``.
         The server combines the clients' dicts with a :class:`ResultAggregator`.
         """
+
+
+def as_named_tensors(params: ModelParams, trainer: object) -> Dict[str, torch.Tensor]:
+    """``get_model_params()``'s result as name -> tensor, converted once.
+
+    Args:
+        params: a mapping (dict, OrderedDict) from names to torch tensors or numpy
+            arrays, or a list/tuple of them (named ``"0"``, ``"1"``, ... in order).
+        trainer: the ModelTrainer that returned them, named in errors.
+
+    A numpy array becomes a tensor of the same dtype over the same memory (a
+    non-contiguous one is made contiguous first); the framework copies every tensor
+    once, into the buffers it sends or aggregates. Raises TypeError naming the trainer
+    and the entry for anything else.
+    """
+    if isinstance(params, Mapping):
+        items = list(params.items())
+    elif isinstance(params, (list, tuple)):
+        items = [(str(i), value) for i, value in enumerate(params)]
+    else:
+        raise TypeError(f"{type(trainer).__qualname__}.get_model_params() must return a dict (name -> tensor or numpy "
+                        f"array) or a list of tensors or arrays, got {type(params).__qualname__}")
+    named: Dict[str, torch.Tensor] = {}
+    for name, value in items:
+        if isinstance(value, np.ndarray):
+            # (np.ascontiguousarray would turn a 0-d array into a 1-d one.)
+            value = torch.from_numpy(value if value.flags.c_contiguous else value.copy())
+        elif not isinstance(value, torch.Tensor):
+            raise TypeError(f"{type(trainer).__qualname__}.get_model_params()[{name!r}] is a {type(value).__qualname__}; "
+                            f"expected a torch tensor or a numpy array")
+        named[str(name)] = value
+    return named
+
+
+@dataclass(frozen=True)
+class ParamsForm:
+    """The form of a trainer's ``get_model_params()`` result, so that its
+    ``set_model_params`` gets the global model in the same form.
+
+    Attributes:
+        as_list: it is a list (or tuple) rather than a name -> value mapping.
+        as_numpy: its values are numpy arrays rather than tensors.
+    """
+
+    as_list: bool
+    as_numpy: bool
+
+    @classmethod
+    def of(cls, params: ModelParams) -> "ParamsForm":
+        values = list(params.values()) if isinstance(params, Mapping) else list(params)
+        return cls(as_list=not isinstance(params, Mapping),
+                   as_numpy=bool(values) and all(isinstance(v, np.ndarray) for v in values))
+
+    def convert(self, state: Mapping[str, torch.Tensor]) -> ModelParams:
+        """``state`` (name -> CPU tensor, in get_model_params order) in this form; numpy
+        arrays share the tensors' memory."""
+        if not (self.as_list or self.as_numpy):
+            return state
+        values = [t.numpy() for t in state.values()] if self.as_numpy else list(state.values())
+        return values if self.as_list else dict(zip(state, values))

@@ -9,16 +9,18 @@ import torch
 
 from fedml_core.aggregation import AggregationStrategy, ClientUpdate, FedAvg
 from fedml_core.distributed.communication.packed_tensors import PackedTensors
-from fedml_core.trainer.model_trainer import ModelTrainer
-from fedml_core.trainer.result_aggregator import ResultAggregator
+from fedml_core.trainer.model_trainer import ModelTrainer, as_named_tensors
+from fedml_core.trainer.result_aggregator import ResultAggregator, aggregate_test_results
 
 
 class FedAVGAggregator:
     """Holds the global model and turns client updates and test results into rounds.
 
     Args:
-        model_trainer: the server's ModelTrainer; its model's state is the initial global model.
-        result_aggregator: combines the clients' test metrics.
+        model_trainer: the server's ModelTrainer; what its ``get_model_params()`` returns
+            (tensors or numpy arrays) is the initial global model.
+        result_aggregator: combines the clients' test metrics (``aggregate_result``, or
+            FineFL's ``aggregate_test_result``).
         args: needs ``client_num_in_total``, ``client_num_per_round`` and ``seed``.
         strategy: how updates are combined (default :class:`FedAvg`).
     """
@@ -28,7 +30,7 @@ class FedAVGAggregator:
         self.result_aggregator = result_aggregator
         self.args = args
         self.strategy = strategy if strategy is not None else FedAvg(getattr(args, "max_buffered_updates", None))
-        self.global_model = PackedTensors.from_tensors(model_trainer.get_model_params())
+        self.global_model = PackedTensors.from_tensors(as_named_tensors(model_trainer.get_model_params(), model_trainer))
 
     def set_global_model(self, state: Mapping[str, torch.Tensor]) -> None:
         """Replace the global model (e.g. with a checkpoint's)."""
@@ -66,8 +68,8 @@ class FedAVGAggregator:
         """An independent copy of the global model's state_dict."""
         return self.global_model.copy_tensors()
 
-    def aggregate_test_results(self, results: Mapping[int, Mapping[str, Any]]) -> Dict[str, Any]:
-        """Combine ``{client_id: {"result": ..., "sample_number": ...}}`` with the
-        ResultAggregator, which receives them keyed by client_idx from 0 (the contract)."""
+    def aggregate_test_results(self, round_idx: int, results: Mapping[int, Mapping[str, Any]]) -> Dict[str, Any]:
+        """Combine round ``round_idx``'s ``{client_id: {"result": ..., "sample_number": ...}}``
+        with the ResultAggregator, which receives them keyed by client_idx from 0 (the contract)."""
         ordered = {idx: results[cid] for idx, cid in enumerate(sorted(results))}
-        return self.result_aggregator.aggregate_result(ordered)
+        return aggregate_test_results(self.result_aggregator, round_idx, ordered)

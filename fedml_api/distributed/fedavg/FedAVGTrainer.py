@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Mapping, Tuple
 import torch
 
 from fedml_api.utils.process_setup import seed_everything
-from fedml_core.trainer.model_trainer import ModelTrainer
+from fedml_core.trainer.model_trainer import ModelTrainer, ParamsForm, as_named_tensors
 
 
 def round_seed(seed: int, round_idx: int, client_id: int) -> int:
@@ -53,6 +53,8 @@ class FedAVGTrainer:
         self.device = device
         self.args = args
         self.trainer = model_trainer
+        # set_model_params gets the global model as get_model_params gives it (numpy, a list).
+        self.params_form = ParamsForm.of(self._call("get_model_params"))
         self.train_sample_number = self._sample_number(train_path, minimum=1)
         self.test_sample_number = self._sample_number(test_path, minimum=0)
 
@@ -66,6 +68,13 @@ class FedAVGTrainer:
 
     def _name(self, method: str) -> str:
         return f"{type(self.trainer).__name__}.{method}()"
+
+    def _model_params(self) -> Dict[str, torch.Tensor]:
+        """``get_model_params()`` as name -> tensor (it may return numpy arrays, a list)."""
+        try:
+            return as_named_tensors(self._call("get_model_params"), self.trainer)
+        except TypeError as error:  # neither tensors nor arrays: unusable
+            raise UserCodeError(str(error)) from None
 
     def _sample_number(self, path: str, minimum: int) -> int:
         count = self._call("get_local_sample_number", path)
@@ -82,10 +91,11 @@ class FedAVGTrainer:
         return number
 
     def update_model(self, global_params: Mapping[str, torch.Tensor]) -> None:
-        self._call("set_model_params", global_params)
+        self._call("set_model_params", self.params_form.convert(global_params))
 
     def train(self, round_idx: int) -> Tuple[Dict[str, torch.Tensor], int, float]:
-        """Train locally for round ``round_idx``; returns (state, sample number, seconds).
+        """Train locally for round ``round_idx``; returns (state, sample number, seconds),
+        the state as name -> tensor whatever ``get_model_params`` returned (numpy arrays, a list).
 
         The random generators are re-seeded from ``(args.seed, round_idx, client_id)``
         first, so a client's update is a function of the global model and the round
@@ -97,7 +107,7 @@ class FedAVGTrainer:
         start = time.perf_counter()
         self._call("train", self.device, self.args, self.train_path)
         seconds = time.perf_counter() - start
-        return self._call("get_model_params"), self.train_sample_number, seconds
+        return self._model_params(), self.train_sample_number, seconds
 
     def test(self) -> Tuple[Dict[str, Any], int, float]:
         """Test the current model on this client's test data; (metrics, sample number, seconds)."""

@@ -12,17 +12,20 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
 from fedml_core.distributed.communication.transport import Transport
-from fedml_core.trainer.model_trainer import ModelTrainer
-from fedml_core.trainer.result_aggregator import ResultAggregator
+from fedml_core.trainer.model_trainer import ModelTrainer, check_trainer
+from fedml_core.trainer.result_aggregator import ResultAggregator, check_result_aggregator
 from fedml_api.utils.launch_status import report_server_exit, report_server_start
 from fedml_api.utils.run_recorder import RunRecorder
 
+from .args import add_args, default_run_dir, fill_federation_defaults
 from .FedAVGAggregator import FedAVGAggregator
 from .FedAVGTrainer import FedAVGTrainer, UserCodeError
 from .FedAvgClientManager import FedAVGClientManager, ServerLost, report_failure
 from .checkpoint import check_same_model, load_checkpoint
 from .preflight import preflight_process_num, run_preflight
 from .FedAvgServerManager import FederationError, FedAVGServerManager, release_clients
+
+__all__ = ["FedML_init", "FedML_FedAvg_distributed", "add_args", "init_server", "init_client"]
 
 
 def FedML_init() -> Tuple["MPI.Comm", int, int]:
@@ -64,14 +67,27 @@ def FedML_FedAvg_distributed(
         device: where this process trains and tests.
         comm: the MPI communicator from :func:`FedML_init` (unused if ``transport`` is given).
         model: the model; the same architecture on every process.
-        args: run arguments (see ``fedml_api.distributed.fedavg.args.add_federation_args``).
+        args: run arguments (see ``fedml_api.distributed.fedavg.args.add_federation_args``,
+            exported here as ``add_args``); a federation option ``args`` lacks is set to its
+            default (and logged), so a main that parses only its own options runs too.
         train_path, test_path: this client's data (``<data_path>/<process_id>/train|test``).
-        result_aggregator: combines the clients' test metrics on the server.
-        model_trainer: the user's ModelTrainer around ``model`` (required).
+        result_aggregator: combines the clients' test metrics on the server; needs
+            ``aggregate_result(result_dict)`` or ``aggregate_test_result(round_idx, result_dict)``.
+        model_trainer: the user's ModelTrainer around ``model`` (required). On a client its
+            ``set_id(process_id - 1)`` is called before anything else.
         transport: overrides the MPI transport (e.g. an in-process one for tests).
+
+    Raises TypeError, on every process before any work, when the trainer or the result
+    aggregator lacks a method the run will call (naming the class and the method).
     """
     if model_trainer is None:
         raise ValueError("model_trainer is required: pass an instance of your ModelTrainer subclass built around `model`")
+    check_trainer(model_trainer)
+    check_result_aggregator(result_aggregator)
+    filled = fill_federation_defaults(args, worker_number)
+    if filled and process_id == 0:
+        logging.info("federation options missing from the arguments, set to their defaults: %s",
+                     ", ".join(f"{name}={getattr(args, name)!r}" for name in filled))
     if args.client_num_in_total != worker_number - 1:
         raise ValueError(
             f"{worker_number} processes run, which means {worker_number - 1} clients, but "
@@ -100,6 +116,7 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
     """
     report_server_start()
     start = time.perf_counter()
+    args.run_dir = args.run_dir or default_run_dir()
     aggregator = FedAVGAggregator(model_trainer, result_aggregator, args)
     checkpoint = None
     recorder = None
@@ -108,7 +125,7 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
     try:
         if args.resume:
             checkpoint = load_checkpoint(args.resume)
-            check_same_model(checkpoint.global_model, model_trainer.get_model_params(), args.resume)
+            check_same_model(checkpoint.global_model, aggregator.global_model.tensors(), args.resume)
             aggregator.set_global_model(checkpoint.global_model)
             logging.info("server: resuming %s after round %d", args.resume, checkpoint.round_idx)
         recorder = RunRecorder(args.run_dir, config=vars(args), previous_records=checkpoint.records if checkpoint else ())
@@ -143,6 +160,10 @@ def init_client(args: Namespace, device: torch.device, transport: Transport, pro
     """
     status, finalize = 1, False
     try:
+        # FineFL's trainers know their client by self.id (the client_idx, from 0); a
+        # trainer that does not derive from ModelTrainer may have no set_id.
+        if callable(getattr(model_trainer, "set_id", None)):
+            model_trainer.set_id(process_id - 1)
         trainer = FedAVGTrainer(process_id, train_path, test_path, device, args, model_trainer)
         manager = FedAVGClientManager(args, trainer, transport)
         manager.run()

@@ -217,7 +217,7 @@ class FedAVGServerManager(ServerManager):
 
     def _end_test_phase(self) -> None:
         if self._test_results:
-            self._record["test"] = self.aggregator.aggregate_test_results(self._test_results)
+            self._record["test"] = self.aggregator.aggregate_test_results(self.round_idx, self._test_results)
             self._record["tested_clients"] = sorted(self._test_results)
         else:
             self._record["test_error"] = f"no client returned a test result (failed clients: {sorted(self.failed)})"

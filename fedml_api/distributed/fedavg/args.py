@@ -5,8 +5,12 @@ import argparse
 import difflib
 import math
 import os
+import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
+
+# The project's root: an experiment's default data path is relative to it.
+PROJECT_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -31,14 +35,26 @@ class ArgumentParser(argparse.ArgumentParser):
         return f"{name}: did you mean {match}?" if match else None
 
 
-def add_federation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the arguments every FedAvg experiment shares; returns ``parser``."""
+def add_federation_args(parser: argparse.ArgumentParser, default_data_path: Optional[str] = None) -> argparse.ArgumentParser:
+    """Add the arguments every FedAvg experiment shares; returns ``parser``.
+
+    Args:
+        parser: the main's parser; the model's own arguments go after these.
+        default_data_path: where the clients' folders are when ``--data_path`` is not
+            given (relative to the project root, e.g. ``"fedml_api/model/ResNet18/cifar10"``);
+            None makes ``--data_path`` required.
+    """
     group = parser.add_argument_group("federation")
     group.add_argument("--client_num_in_total", type=int, required=True, help="CLIENT_NUM: number of clients (processes 1..CLIENT_NUM)")
     group.add_argument("--client_num_per_round", type=int, required=True, help="WORKER_NUM: clients sampled to train each round")
     group.add_argument("--comm_round", type=int, required=True, help="ROUND: number of federated rounds")
     group.add_argument("--frequency_of_the_test", type=int, default=1, help="test every N rounds (and always after the last)")
-    group.add_argument("--data_path", type=str, required=True, help="client p reads <data_path>/<p>/train and <data_path>/<p>/test")
+    data_help = "client p reads <data_path>/<p>/train and <data_path>/<p>/test"
+    if default_data_path is None:
+        group.add_argument("--data_path", type=str, required=True, help=data_help)
+    else:
+        group.add_argument("--data_path", type=str, default=os.path.join(PROJECT_ROOT, default_data_path),
+                           help=data_help + " (default: %(default)s)")
     group.add_argument("--run_dir", type=str, default=None, help="where the log, metrics, summary, plot and final model go (default: ./runs/<time>)")
     group.add_argument("--seed", type=int, default=0, help="seeds python/numpy/torch and the client sampling")
     group.add_argument("--wandb_mode", choices=["auto", "online", "offline", "disabled"], default="auto",
@@ -60,6 +76,37 @@ def add_federation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--max_buffered_updates", type=int, default=None,
                        help="fold client updates into the average every N arrivals to bound server memory (default: all at once, fastest)")
     return parser
+
+
+# FineFL's name for the function a main calls to add its arguments.
+add_args = add_federation_args
+
+
+def federation_defaults() -> Dict[str, Any]:
+    """The default of every federation option that has one (``--data_path`` and the
+    three positionals have none), by attribute name."""
+    parser = add_federation_args(argparse.ArgumentParser(add_help=False))
+    return {action.dest: action.default for action in parser._actions if not action.required}
+
+
+def fill_federation_defaults(args: argparse.Namespace, worker_number: int) -> List[str]:
+    """Give ``args`` every federation option it lacks, at its default; returns their names.
+
+    A main that parses only its own arguments (as FineFL's ``add_args`` did) still
+    runs: ``client_num_in_total`` is taken from the process count (``worker_number - 1``).
+    Raises ValueError naming ``client_num_per_round`` or ``comm_round`` if missing
+    (they have no default: the launcher passes them).
+    """
+    missing = [name for name in ("client_num_per_round", "comm_round") if not hasattr(args, name)]
+    if missing:
+        raise ValueError(f"the arguments lack {' and '.join(missing)} (WORKER_NUM and ROUND, which have no default): "
+                         f"add them to your parser, or add them all with fedml_api.distributed.fedavg.args.add_args(parser)")
+    filled = []
+    for name, default in {"client_num_in_total": worker_number - 1, **federation_defaults()}.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
+            filled.append(name)
+    return filled
 
 
 def check_federation_args(args: argparse.Namespace) -> None:
@@ -84,7 +131,11 @@ def check_federation_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max_buffered_updates must be at least 1, got {args.max_buffered_updates}")
 
 
-def default_run_dir(experiment: str) -> str:
+def default_run_dir(experiment: Optional[str] = None) -> str:
+    """``runs/<experiment>-<time>``, under the working directory; the experiment's name
+    defaults to the folder of the main script (e.g. ``fedResNet18``)."""
+    if experiment is None:
+        experiment = os.path.basename(os.path.dirname(os.path.abspath(sys.argv[0])))
     return os.path.join("runs", f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 

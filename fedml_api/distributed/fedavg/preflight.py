@@ -17,7 +17,7 @@ import sys
 from argparse import Namespace
 from typing import NoReturn, Optional
 
-from fedml_core.trainer.model_trainer import ModelTrainer
+from fedml_core.trainer.model_trainer import ModelTrainer, as_named_tensors
 
 PREFLIGHT_ENV = "FEDML_PREFLIGHT"
 # Set by the launcher when every process runs on this machine: the data can be checked here.
@@ -43,8 +43,9 @@ def run_preflight(args: Namespace, model_trainer: ModelTrainer) -> NoReturn:
             check_client_data(args.data_path, args.client_num_in_total)
         if args.resume:
             checkpoint = load_checkpoint(args.resume)
-            check_same_model(checkpoint.global_model, model_trainer.get_model_params(), args.resume)
-    except (ValueError, FileNotFoundError) as error:
+            check_same_model(checkpoint.global_model, as_named_tensors(model_trainer.get_model_params(), model_trainer),
+                             args.resume)
+    except (ValueError, FileNotFoundError, TypeError) as error:  # TypeError: get_model_params' values
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     raise SystemExit(0)
