@@ -283,3 +283,28 @@ def test_the_seed_s_own_command_reads_the_default_folder_and_a_missing_one_is_na
     assert result.returncode == 2  # from the launcher's pre-flight check, before mpirun
     assert f"client 1 has no data: {default}/1/train is missing (--data_path {default};" in result.stderr
 
+
+# -- 6, 7. what the README says about FedML ---------------------------------------------------
+
+def readme_section(title):
+    text = (REPO_ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
+def test_the_fedml_comparison_names_both_versions_and_the_test_weight_rule():
+    section = readme_section("What is different from FedML")
+    header = next(line for line in section.splitlines() if line.startswith("| |"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["", "FedML 2021 / FineFL", "FedML 0.9.6", "here"]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "get_local_sample_number(test_path)" in rows["test metrics"]
+    assert "MPI.Finalize()" in rows["end of a run"] and "comm.send" in rows["models on the wire"]
+
+
+def test_the_readme_lists_fedyolov3_among_the_shipped_experiments_and_in_the_layout():
+    text = (REPO_ROOT / "README.md").read_text()
+    shipped = next(line for line in text.splitlines() if line.startswith("Shipped experiments:"))
+    shipped += text.split(shipped, 1)[1].split("\n\n", 1)[0]
+    assert "fedYOLOv3" in shipped
+    assert "fedYOLOv3/" in readme_section("Project layout")
