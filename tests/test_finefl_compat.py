@@ -191,6 +191,17 @@ def test_a_model_trainer_subclass_with_a_misspelt_method_is_named_when_built():
         Trainer(make_model())
 
 
+def test_another_method_of_the_interface_is_not_taken_for_a_misspelling():
+    class DuckTrainer:  # no ModelTrainer base: get_model_params is there, set_model_params is not
+        def get_model_params(self):
+            return {}
+
+    with pytest.raises(TypeError) as raised:
+        FedML_FedAvg_distributed(1, 3, torch.device("cpu"), None, make_model(), Namespace(**vars(FINEFL_ARGS)),
+                                 "", "", WeightedMeanResultAggregator(), DuckTrainer())
+    assert str(raised.value) == "DuckTrainer (the ModelTrainer) does not implement set_model_params(model_parameters)"
+
+
 # -- 3. numpy parameters ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("container", [dict, OrderedDict, list])

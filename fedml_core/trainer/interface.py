@@ -25,14 +25,16 @@ def check_methods(obj: Union[object, type], role: str, required: Sequence[Mappin
     """
     cls = obj if isinstance(obj, type) else type(obj)
     abstract = getattr(cls, "__abstractmethods__", frozenset())
-    defined = [name for name in dir(cls) if not name.startswith("_") and callable(getattr(cls, name, None))]
+    # Looked up on obj itself: an instance may carry a method as an attribute.
+    defined = [name for name in dir(obj) if not name.startswith("_") and callable(getattr(obj, name, None))]
     for accepted in required:
-        if any(callable(getattr(cls, name, None)) and name not in abstract for name in accepted):
+        if any(callable(getattr(obj, name, None)) and name not in abstract for name in accepted):
             continue
         wanted = " or ".join(f"{name}{signature}" for name, signature in accepted.items())
-        message = f"{cls.__qualname__} ({role}) does not implement {wanted}"
-        # A near miss among the methods it does define is most likely a misspelling.
-        others = [name for name in defined if name not in abstract]
+        message = f"{cls.__name__} ({role}) does not implement {wanted}"
+        # A near miss among its other methods is most likely a misspelling (not another
+        # method of the interface: get_model_params is no misspelt set_model_params).
+        others = [name for name in defined if name not in abstract and not any(name in r for r in required)]
         for name in accepted:
             close = difflib.get_close_matches(name, others, n=1, cutoff=0.6)
             if close:

@@ -111,15 +111,15 @@ def as_named_tensors(params: ModelParams, trainer: object) -> Dict[str, torch.Te
     elif isinstance(params, (list, tuple)):
         items = [(str(i), value) for i, value in enumerate(params)]
     else:
-        raise TypeError(f"{type(trainer).__qualname__}.get_model_params() must return a dict (name -> tensor or numpy "
-                        f"array) or a list of tensors or arrays, got {type(params).__qualname__}")
+        raise TypeError(f"{type(trainer).__name__}.get_model_params() must return a dict (name -> tensor or numpy "
+                        f"array) or a list of tensors or arrays, got {type(params).__name__}")
     named: Dict[str, torch.Tensor] = {}
     for name, value in items:
         if isinstance(value, np.ndarray):
             # (np.ascontiguousarray would turn a 0-d array into a 1-d one.)
             value = torch.from_numpy(value if value.flags.c_contiguous else value.copy())
         elif not isinstance(value, torch.Tensor):
-            raise TypeError(f"{type(trainer).__qualname__}.get_model_params()[{name!r}] is a {type(value).__qualname__}; "
+            raise TypeError(f"{type(trainer).__name__}.get_model_params()[{name!r}] is a {type(value).__name__}; "
                             f"expected a torch tensor or a numpy array")
         named[str(name)] = value
     return named

@@ -78,7 +78,8 @@ def add_federation_args(parser: argparse.ArgumentParser, default_data_path: Opti
     return parser
 
 
-# FineFL's name for the function a main calls to add its arguments.
+# FineFL's mains named their argument function add_args. Theirs also parsed; this one
+# only adds the federation's options, so a main adds its own after it, then parses.
 add_args = add_federation_args
 
 
@@ -86,6 +87,7 @@ def federation_defaults() -> Dict[str, Any]:
     """The default of every federation option that has one (``--data_path`` and the
     three positionals have none), by attribute name."""
     parser = add_federation_args(argparse.ArgumentParser(add_help=False))
+    # argparse has no public way to list a parser's options.
     return {action.dest: action.default for action in parser._actions if not action.required}
 
 
@@ -97,10 +99,12 @@ def fill_federation_defaults(args: argparse.Namespace, worker_number: int) -> Li
     Raises ValueError naming ``client_num_per_round`` or ``comm_round`` if missing
     (they have no default: the launcher passes them).
     """
-    missing = [name for name in ("client_num_per_round", "comm_round") if not hasattr(args, name)]
+    missing = {name: positional for name, positional in (("client_num_per_round", "WORKER_NUM"), ("comm_round", "ROUND"))
+               if not hasattr(args, name)}
     if missing:
-        raise ValueError(f"the arguments lack {' and '.join(missing)} (WORKER_NUM and ROUND, which have no default): "
-                         f"add them to your parser, or add them all with fedml_api.distributed.fedavg.args.add_args(parser)")
+        raise ValueError(f"the arguments lack {' and '.join(missing)} ({' and '.join(missing.values())}, which have no "
+                         f"default): add them to your parser, or add them all with "
+                         f"fedml_api.distributed.fedavg.args.add_args(parser)")
     filled = []
     for name, default in {"client_num_in_total": worker_number - 1, **federation_defaults()}.items():
         if not hasattr(args, name):
