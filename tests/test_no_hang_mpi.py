@@ -92,3 +92,29 @@ def test_a_local_hostfile_with_fewer_slots_than_processes_is_rejected(experiment
     assert result.returncode == 2
     assert f"{hostfile} holds 2 processes (1 host lines, slots included) but this run needs 5" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_the_launcher_stops_the_whole_job(experiment, tmp_path, sig, status):
+    # Ctrl-C reaches the launcher (mpirun has a session of its own); a CI cancel or
+    # `timeout` sends SIGTERM to the launcher alone.
+    job = launch(experiment, 3, 3, 50, tmp_path / "run", "--train_delay", "0.5", background=True)
+    wait_for_rounds(job, tmp_path / "run", 1)
+    job.send_signal(sig)
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == status, output[-3000:]
+    assert "launcher: interrupted; stopping the job" in output
+    assert len(records(tmp_path / "run")) < 50
+    assert_no_leftovers()
+
+
+def test_a_misspelt_option_is_named_even_when_it_leaves_a_required_one_missing(capsys):
+    from fedml_api.distributed.fedavg.args import ArgumentParser
+
+    parser = ArgumentParser(prog="main_fedavg.py")
+    parser.add_argument("--data_path", required=True)
+    with pytest.raises(SystemExit) as stopped:
+        parser.parse_args(["--data-path", "/data"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "main_fedavg.py: error: the following arguments are required: --data_path (--data-path: did you mean --data_path?)")

@@ -71,10 +71,10 @@ class RunRecorder:
         """Write the final model, ``summary.json`` and the plot; returns the summary
         (see :meth:`write_summary` for ``failed_clients`` and ``stopped``)."""
         torch.save(dict(final_model), os.path.join(self.run_dir, "final_model.pt"))
-        summary = self.write_summary(wall_seconds, failed_clients, stopped)
         tested = [r for r in self.records if r.get("test")]
         if tested:
             plot_test_metrics(tested, os.path.join(self.run_dir, "metrics.png"))
+        summary = self.write_summary(wall_seconds, failed_clients, stopped)  # last: the run's results are complete
         if stopped is None:
             logger.info("run finished in %.1f s; results in %s", wall_seconds, self.run_dir)
         return summary

@@ -146,14 +146,26 @@ cd "$EXP_DIR"
 # shellcheck disable=SC2086  # MPI_FLAGS and MPIRUN_ARGS are word lists
 setsid "$MPIRUN" $MPI_FLAGS -x FEDML_STATUS_FILE -x THP_MEM_ALLOC_ENABLE ${MPIRUN_ARGS:-} "$PYTHON" ./main_fedavg.py "$@" &
 MPIRUN_PID=$!
-trap 'kill -TERM -- "-$MPIRUN_PID" 2>/dev/null' INT TERM HUP
+# (dash's kill takes no "--" after a bare signal name: always "kill -s SIGNAL -- -PGID".)
+stop_job() { kill -s "$1" -- "-$MPIRUN_PID" 2>/dev/null || true; }
 
-WAITED=0  # tenths of a second since the server reported, or since it died without reporting
+WAITED=0  # tenths of a second since the server reported, died without reporting, or we were interrupted
 STOPPED=no
 SERVER_DIED=no
+INTERRUPTED=  # the exit status after a signal to this launcher (128 + its number)
+interrupt() {
+    INTERRUPTED=$1
+    echo "launcher: interrupted; stopping the job" >&2
+    stop_job TERM
+    STOPPED=yes
+    WAITED=$((GRACE * 10))  # what ignores TERM gets KILL 3 s later
+}
+trap 'interrupt 130' INT
+trap 'interrupt 143' TERM
+trap 'interrupt 129' HUP
 THIS_HOST=$(hostname)
 while kill -0 "$MPIRUN_PID" 2>/dev/null; do
-    if [ -f "$STATUS_FILE" ] || [ "$SERVER_DIED" = yes ]; then
+    if [ -f "$STATUS_FILE" ] || [ "$SERVER_DIED" = yes ] || [ -n "$INTERRUPTED" ]; then
         WAITED=$((WAITED + 1))
         if [ "$STOPPED" = no ] && [ "$WAITED" -ge $((GRACE * 10)) ]; then
             if [ "$SERVER_DIED" = yes ]; then
@@ -161,13 +173,13 @@ while kill -0 "$MPIRUN_PID" 2>/dev/null; do
             else
                 echo "launcher: the server finished ${GRACE} s ago but some ranks have not exited (frozen or hung clients); stopping them" >&2
             fi
-            kill -TERM -- "-$MPIRUN_PID" 2>/dev/null || true
+            stop_job TERM
             STOPPED=yes
         elif [ "$STOPPED" = yes ] && [ "$WAITED" -ge $((GRACE * 10 + 30)) ]; then
             # mpirun cannot reach some host to stop its processes: kill it, its process
             # group and its children (its ssh sessions run in process groups of their own).
             pkill -KILL -P "$MPIRUN_PID" 2>/dev/null || true
-            kill -KILL -- "-$MPIRUN_PID" 2>/dev/null || true
+            stop_job KILL
         fi
     elif [ -f "$STATUS_FILE.server" ]; then
         # "HOST PID" of the server; it can be watched when it runs on this machine.
@@ -181,8 +193,12 @@ while kill -0 "$MPIRUN_PID" 2>/dev/null; do
 done
 MPI_STATUS=0
 wait "$MPIRUN_PID" || MPI_STATUS=$?
-kill -KILL -- "-$MPIRUN_PID" 2>/dev/null || true  # whatever is left of the job on this machine
+stop_job KILL  # whatever is left of the job on this machine
 rm -f "$STATUS_FILE.server"
+if [ -n "$INTERRUPTED" ]; then
+    rm -f "$STATUS_FILE"
+    exit "$INTERRUPTED"
+fi
 if [ -f "$STATUS_FILE" ]; then
     SERVER_STATUS=$(cat "$STATUS_FILE")
     rm -f "$STATUS_FILE"

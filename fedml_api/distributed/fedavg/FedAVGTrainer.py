@@ -86,8 +86,8 @@ class FedAVGTrainer:
             raise UserCodeError(f"{self._name('get_local_sample_number')} must return an integer sample count "
                                 f"for {path}, got {count!r} ({type(count).__name__})") from None
         if number < minimum:
-            raise UserCodeError(f"{self._name('get_local_sample_number')} returned {number} for {path}; "
-                                f"expected at least {minimum} samples")
+            expected = "a positive sample count" if minimum == 1 else f"a sample count of at least {minimum}"
+            raise UserCodeError(f"{self._name('get_local_sample_number')} returned {number} for {path}; expected {expected}")
         return number
 
     def update_model(self, global_params: Mapping[str, torch.Tensor]) -> None:

@@ -7,28 +7,35 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NoReturn, Optional, Sequence
 
 # The project's root: an experiment's default data path is relative to it.
 PROJECT_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, whose error for an unknown option names the closest valid one
-    (``--lrr``: did you mean ``--lr``?; ``--data-path``: did you mean ``--data_path``?)."""
+    """argparse's parser, whose errors name the closest valid option for each unknown
+    one on the command line (``--lrr``: did you mean ``--lr``?; ``--data-path``: did you
+    mean ``--data_path``?), whatever the error: an unknown option may also be why a
+    required one is missing."""
 
     def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Optional[argparse.Namespace] = None) -> argparse.Namespace:
+        self._command_line = list(sys.argv[1:] if args is None else args)
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
-            hints = [hint for hint in (self._closest_option(arg) for arg in unknown) if hint]
-            self.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
         return parsed
 
+    def error(self, message: str) -> NoReturn:
+        hints = [hint for hint in map(self._closest_option, getattr(self, "_command_line", [])) if hint]
+        super().error(message + (f" ({'; '.join(hints)})" if hints else ""))
+
     def _closest_option(self, arg: str) -> Optional[str]:
-        if not arg.startswith("-"):
-            return None
+        """"NAME: did you mean OPTION?" for an unknown ``--NAME`` with a close valid option."""
         name = arg.split("=", 1)[0]
         options: List[str] = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        if not name.startswith("--") or any(o.startswith(name) for o in options):  # known, or an abbreviation
+            return None
         # Hyphens for underscores is the commonest slip; then plain typos.
         spelled = "--" + name.lstrip("-").replace("-", "_")
         match = spelled if spelled in options else next(iter(difflib.get_close_matches(spelled, options, n=1, cutoff=0.6)), None)
