@@ -125,3 +125,44 @@ def experiment(tmp_path_factory):
     (root / "mpi_host_file").write_text("localhost\n")
     write_client_data(str(root / "data"), 7)
     return root
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """``small_tmpfs(size)`` mounts a tmpfs of ``size`` (``"3m"``) on a new folder and
+    returns the folder (a filesystem that fills up for real); unmounted after the test.
+    Skips where mounting is not permitted (not root, no CAP_SYS_ADMIN)."""
+    mounted: List[Path] = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"tmpfs{len(mounted)}"
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a {size} tmpfs here: {result.stderr.strip() or result.returncode}")
+        mounted.append(folder)
+        return folder
+
+    try:
+        yield mount
+    finally:
+        for folder in mounted:
+            # Lazily if something still has a file open there: the mount must not outlive the test.
+            if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill_filesystem(folder: Path, leave: int = 0) -> Path:
+    """Write ``folder/filler`` until the filesystem has at most ``leave`` bytes free."""
+    stats = os.statvfs(folder)
+    size = max(0, stats.f_bavail * stats.f_frsize - leave)
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: a full disk fails the write itself
+        chunk = bytes(1 << 16)
+        while size > 0:
+            try:
+                size -= f.write(chunk[:min(size, len(chunk))])
+            except OSError:  # full: a tmpfs rounds free space to its pages
+                break
+    return filler

@@ -1,6 +1,11 @@
-"""The server's checkpoint: bit-exact on disk, written in the background, never lost."""
+"""The server's checkpoint: bit-exact on disk, written in the background, never lost,
+and never trusted when damaged."""
 import errno
 import fcntl
+import logging
+import os
+import pickle
+import re
 import time
 
 import numpy as np
@@ -10,7 +15,11 @@ import torch
 import fedml_api.utils.durable_file as durable_file_module
 from fedml_api.utils.durable_file import DirectFile, durable_file
 
-from fedml_api.distributed.fedavg.checkpoint import CheckpointWriter, ServerCheckpoint, load_checkpoint, save_checkpoint
+from conftest import fill_filesystem
+from fedml_api.distributed.fedavg.checkpoint import (
+    CheckpointWriter, DamagedCheckpoint, ServerCheckpoint, load_checkpoint, resolve_resume, save_checkpoint,
+)
+from fedml_api.utils.durable_file import FileWriteError
 from fedml_core.distributed.communication.packed_tensors import PackedTensors
 
 
@@ -66,7 +75,7 @@ def test_the_writer_puts_the_last_submitted_checkpoint_on_disk_and_skips_superse
 def test_a_failed_write_is_raised_to_the_caller(tmp_path):
     writer = CheckpointWriter(str(tmp_path / "missing" / "run"))
     writer.submit(lambda: _checkpoint(0, _state()))
-    with pytest.raises(RuntimeError, match="could not write the checkpoint in .*missing/run: .*No such file"):
+    with pytest.raises(FileWriteError, match="could not write the checkpoint .*missing/run/checkpoint.pt: ENOENT "):
         writer.close()
 
 
@@ -74,9 +83,10 @@ def test_a_file_that_is_not_a_checkpoint_or_of_another_format_is_refused_by_name
     torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pt")
     with pytest.raises(ValueError, match="weights.pt is not a checkpoint of this framework"):
         load_checkpoint(str(tmp_path / "weights.pt"))
-    torch.save({"format": 1, "round_idx": 0}, tmp_path / "old.pt")
-    with pytest.raises(ValueError, match="old.pt has checkpoint format 1; this version reads format 2"):
-        load_checkpoint(str(tmp_path / "old.pt"))
+    for old_format in (1, 2):
+        torch.save({"format": old_format, "round_idx": 0}, tmp_path / "old.pt")
+        with pytest.raises(ValueError, match=f"old.pt has checkpoint format {old_format}, written by an older version; this version reads format 3"):
+            load_checkpoint(str(tmp_path / "old.pt"))
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "page cache"])
@@ -151,3 +161,166 @@ def test_a_crash_that_left_the_spare_a_second_name_of_the_checkpoint_does_not_le
     restore()
     save_checkpoint(str(tmp_path), _checkpoint(1, _state()))
     assert load_checkpoint(str(tmp_path)).round_idx == 1
+
+
+# -- damaged checkpoints --------------------------------------------------------------
+
+def _model_sized_state() -> dict:
+    """A 1 MiB model: the middle of its checkpoint is the model's bytes, as for any real model."""
+    g = torch.Generator().manual_seed(1)
+    return {"w": torch.randn(256, 1024, generator=g), "bn.num_batches_tracked": torch.tensor(3)}
+
+
+def _flip_64_bytes(path, at=None) -> None:
+    """Invert 64 bytes of ``path``, in its middle unless ``at`` says where."""
+    data = bytearray(path.read_bytes())
+    at = len(data) // 2 if at is None else at
+    data[at:at + 64] = bytes(b ^ 0xFF for b in data[at:at + 64])
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def _same(a: ServerCheckpoint, b: ServerCheckpoint) -> bool:
+    return ((a.round_idx, a.failed_clients, a.records, a.seed, a.strategy_state) == (b.round_idx, b.failed_clients, b.records, b.seed, b.strategy_state)
+            and list(a.global_model) == list(b.global_model)
+            and all(torch.equal(a.global_model[k], b.global_model[k]) for k in a.global_model))
+
+
+def test_64_bytes_flipped_in_the_middle_of_a_checkpoint_are_found_and_the_file_named_as_damaged(tmp_path):
+    save_checkpoint(str(tmp_path), _checkpoint(0, _model_sized_state()))
+    path = tmp_path / "checkpoint.pt"
+    _flip_64_bytes(path)
+    with pytest.raises(DamagedCheckpoint, match=rf"^--resume: {re.escape(str(path))} is damaged: its record 'groups/float32' fails its checksum$"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_64_bytes_flipped_anywhere_in_a_checkpoint_are_found_or_change_nothing_it_holds(tmp_path):
+    save_checkpoint(str(tmp_path), _checkpoint(3, _state()))
+    original = load_checkpoint(str(tmp_path))
+    intact = (tmp_path / "checkpoint.pt").read_bytes()
+    damaged = tmp_path / "damaged.pt"
+    found = 0
+    for at in range(0, len(intact), 64):  # the records, their zip headers, padding, the central directory
+        damaged.write_bytes(intact)
+        _flip_64_bytes(damaged, at)
+        try:
+            loaded = load_checkpoint(str(damaged))
+        except DamagedCheckpoint as error:
+            assert str(damaged) in str(error) and ("is damaged" in str(error) or "is truncated" in str(error)), error
+            found += 1
+        else:  # only the zip's alignment padding may be flipped unnoticed: nothing read from it
+            assert _same(loaded, original), f"a flip at byte {at} went unnoticed and changed the checkpoint"
+    assert found > 0
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 10 / 30_000], ids=["half", "all but its end", "10 bytes"])
+def test_a_truncated_checkpoint_is_named_as_truncated(tmp_path, keep):
+    save_checkpoint(str(tmp_path), _checkpoint(0, _state()))
+    path = tmp_path / "checkpoint.pt"
+    _truncate(path, keep)
+    with pytest.raises(DamagedCheckpoint, match=rf"^--resume: {re.escape(str(path))} is truncated: it ends after [\d,]+ bytes"):
+        load_checkpoint(str(path))
+
+
+def test_an_empty_or_garbled_file_is_named_as_such(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(DamagedCheckpoint, match=r"empty.pt is truncated: it is empty"):
+        load_checkpoint(str(tmp_path / "empty.pt"))
+    (tmp_path / "noise.pt").write_bytes(np.random.default_rng(0).bytes(10_000))
+    with pytest.raises(DamagedCheckpoint, match=r"noise.pt is damaged or not a checkpoint: it is not a zip archive"):
+        load_checkpoint(str(tmp_path / "noise.pt"))
+
+
+def test_a_checkpoint_damaged_in_its_table_of_records_is_named_as_damaged(tmp_path):
+    # As if a flip in torch.save's pickle had hit the checksums' table itself.
+    save_checkpoint(str(tmp_path), _checkpoint(0, _state()))
+    raw = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    raw["checksums"]["fields"] ^= 1
+    torch.save(raw, tmp_path / "checkpoint.pt")
+    with pytest.raises(DamagedCheckpoint, match=r"checkpoint.pt is damaged: its record 'fields' fails its checksum"):
+        load_checkpoint(str(tmp_path))
+    del raw["checksums"]
+    torch.save(raw, tmp_path / "checkpoint.pt")
+    with pytest.raises(DamagedCheckpoint, match=r"checkpoint.pt is damaged: its table of records is garbled"):
+        load_checkpoint(str(tmp_path))
+    assert pickle.loads(raw["fields"])["round_idx"] == 0  # the rest of the checkpoint is one checksummed record
+
+
+def test_resuming_an_intact_checkpoint_uses_it(tmp_path, caplog):
+    for round_idx in range(2):
+        save_checkpoint(str(tmp_path), _checkpoint(round_idx, _state()))
+    for given in (tmp_path, tmp_path / "checkpoint.pt"):
+        checkpoint, used = resolve_resume(str(given))
+        assert (checkpoint.round_idx, used) == (1, str(tmp_path / "checkpoint.pt"))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("damage", ["64 bytes flipped", "truncated"])
+def test_a_damaged_checkpoint_with_an_intact_spare_resumes_from_the_spare_and_says_so(tmp_path, caplog, damage):
+    for round_idx in range(2):  # the spare holds round 0
+        save_checkpoint(str(tmp_path), _checkpoint(round_idx, _model_sized_state()))
+    path, spare = tmp_path / "checkpoint.pt", tmp_path / "checkpoint.pt.spare"
+    _flip_64_bytes(path) if damage == "64 bytes flipped" else _truncate(path, 0.5)
+    with caplog.at_level(logging.WARNING):
+        checkpoint, used = resolve_resume(str(tmp_path))
+    assert (checkpoint.round_idx, used) == (0, str(spare))
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    message = warning.getMessage()
+    assert f"{path} is {'damaged' if damage == '64 bytes flipped' else 'truncated'}" in message
+    assert f"resuming from its spare {spare} instead, which holds the run up to round 0" in message
+
+
+def test_when_the_checkpoint_and_its_spare_are_both_damaged_the_error_names_both(tmp_path):
+    for round_idx in range(2):
+        save_checkpoint(str(tmp_path), _checkpoint(round_idx, _model_sized_state()))
+    path, spare = tmp_path / "checkpoint.pt", tmp_path / "checkpoint.pt.spare"
+    _flip_64_bytes(path)
+    _truncate(spare, 0.5)
+    with pytest.raises(DamagedCheckpoint) as raised:
+        resolve_resume(str(tmp_path))
+    assert re.fullmatch(rf"--resume: {re.escape(str(path))} is damaged: .*; and its spare cannot be used either: "
+                        rf"--resume: {re.escape(str(spare))} is truncated: .*", str(raised.value))
+
+
+def test_a_damaged_checkpoint_without_a_spare_is_named_as_damaged(tmp_path):
+    save_checkpoint(str(tmp_path), _checkpoint(0, _model_sized_state()))
+    _flip_64_bytes(tmp_path / "checkpoint.pt")
+    with pytest.raises(DamagedCheckpoint, match="checkpoint.pt is damaged"):
+        resolve_resume(str(tmp_path))
+
+
+# -- a full disk ----------------------------------------------------------------------
+
+def test_a_checkpoint_that_does_not_fit_fails_with_enospc_before_filling_the_disk(small_tmpfs):
+    run_dir = small_tmpfs("3m")
+    save_checkpoint(str(run_dir), _checkpoint(0, _model_sized_state()))  # 1 MiB
+    fill_filesystem(run_dir, leave=512 << 10)
+    free = os.statvfs(run_dir).f_bavail
+    writer = CheckpointWriter(str(run_dir))
+    writer.submit(lambda: _checkpoint(1, _model_sized_state()))
+    path = run_dir / "checkpoint.pt"
+    with pytest.raises(FileWriteError, match=rf"^could not write the checkpoint {re.escape(str(path))}: ENOSPC \(No space left on device: "
+                                            rf"the checkpoint needs [\d,]+ bytes, [\d,]+ are free\): {re.escape(str(path))}.partial; "
+                                            rf"the last checkpoint written, {re.escape(str(path))}, is unchanged$"):
+        writer.close()
+    assert os.statvfs(run_dir).f_bavail == free  # nothing was written
+    assert load_checkpoint(str(run_dir)).round_idx == 0
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "filler"]
+
+
+def test_a_write_that_hits_a_full_disk_frees_what_it_wrote_and_leaves_the_last_checkpoint(small_tmpfs, monkeypatch):
+    run_dir = small_tmpfs("3m")
+    save_checkpoint(str(run_dir), _checkpoint(0, _model_sized_state()))
+    fill_filesystem(run_dir, leave=512 << 10)
+    free = os.statvfs(run_dir).f_bavail
+    # As when the space runs out while the file is written (another program filled it).
+    monkeypatch.setattr("fedml_api.distributed.fedavg.checkpoint._check_free_space", lambda path, needed: None)
+    with pytest.raises(OSError) as raised:
+        save_checkpoint(str(run_dir), _checkpoint(1, _model_sized_state()))
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(run_dir / "checkpoint.pt.partial"))
+    assert os.statvfs(run_dir).f_bavail == free
+    assert load_checkpoint(str(run_dir)).round_idx == 0

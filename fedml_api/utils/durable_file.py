@@ -17,7 +17,7 @@ import errno
 import fcntl
 import mmap
 import os
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Iterator, Optional, Union
 
 import numpy as np
 
@@ -28,6 +28,25 @@ _ALIGN = PAGE_BYTES
 _STAGING_BYTES = 1 << 20
 # 0 where the platform has no O_DIRECT (then files are written through the page cache).
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+class FileWriteError(RuntimeError):
+    """One of the run's files could not be written (a full disk, a missing directory, ...).
+
+    The message names the file and the error, e.g. ``could not write the checkpoint
+    run/checkpoint.pt: ENOSPC (No space left on device): run/checkpoint.pt.partial``.
+    """
+
+
+def describe_error(error: BaseException, path: Optional[str] = None) -> str:
+    """An OSError as ``ENOSPC (No space left on device): <file>`` (its errno's name, the
+    reason, and the file when it has one other than ``path``, the one the caller names);
+    any other exception as ``Type: message``."""
+    if isinstance(error, OSError) and error.errno is not None:
+        name = errno.errorcode.get(error.errno, f"errno {error.errno}")
+        where = f": {error.filename}" if error.filename not in (None, path) else ""
+        return f"{name} ({error.strerror or os.strerror(error.errno)}){where}"
+    return f"{type(error).__name__}: {error}"
 
 
 class DirectFile:

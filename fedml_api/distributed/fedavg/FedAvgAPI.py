@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 from fedml_core.distributed.communication.transport import Transport
 from fedml_core.trainer.model_trainer import ModelTrainer, check_trainer
 from fedml_core.trainer.result_aggregator import ResultAggregator, check_result_aggregator
+from fedml_api.utils.durable_file import FileWriteError
 from fedml_api.utils.launch_status import report_server_exit, report_server_start
 from fedml_api.utils.run_recorder import RunRecorder
 
@@ -21,7 +22,7 @@ from .args import add_args, default_run_dir, fill_federation_defaults
 from .FedAVGAggregator import FedAVGAggregator
 from .FedAVGTrainer import FedAVGTrainer, UserCodeError
 from .FedAvgClientManager import FedAVGClientManager, ServerLost, report_failure
-from .checkpoint import check_same_model, load_checkpoint
+from .checkpoint import check_same_model, resolve_resume
 from .preflight import preflight_process_num, run_preflight
 from .FedAvgServerManager import FederationError, FedAVGServerManager, release_clients
 
@@ -109,10 +110,11 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
     """Build the aggregator and server manager (from ``args.resume``'s checkpoint if
     given), then run the rounds.
 
-    A run that cannot go on or did not succeed (too few clients, a bad checkpoint, no
-    final test metrics, an exception in the server's own code) releases the clients,
-    writes ``summary.json`` with the reason, logs ``FedAvg stopped: <reason>`` as its last
-    line and exits with status 1 (``SystemExit``).
+    A run that cannot go on or did not succeed (too few clients, a bad checkpoint, a file
+    of the run that cannot be written, e.g. on a full disk, no final test metrics, an
+    exception in the server's own code) releases the clients, writes ``summary.json``
+    with the reason, logs ``FedAvg stopped: <reason>`` as its last line and exits with
+    status 1 (``SystemExit``).
     """
     report_server_start()
     start = time.perf_counter()
@@ -124,16 +126,17 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
     status = 1
     try:
         if args.resume:
-            checkpoint = load_checkpoint(args.resume)
-            check_same_model(checkpoint.global_model, aggregator.global_model.tensors(), args.resume)
+            checkpoint, resume_path = resolve_resume(args.resume)
+            check_same_model(checkpoint.global_model, aggregator.global_model.tensors(), resume_path)
             aggregator.set_global_model(checkpoint.global_model)
-            logging.info("server: resuming %s after round %d", args.resume, checkpoint.round_idx)
         recorder = RunRecorder(args.run_dir, config=vars(args), previous_records=checkpoint.records if checkpoint else ())
+        if checkpoint is not None:  # logged once server.log is open: it says which file was used
+            logging.info("server: resuming %s after round %d", resume_path, checkpoint.round_idx)
         manager = FedAVGServerManager(args, aggregator, transport, recorder, resume_from=checkpoint)
         manager.run()
         status = 0
     except Exception as error:
-        if isinstance(error, (FederationError, ValueError, FileNotFoundError)):
+        if isinstance(error, (FederationError, ValueError, FileNotFoundError, FileWriteError)):
             reason = str(error)
         else:  # a bug, in the framework or in the server's user code (e.g. the ResultAggregator)
             logging.exception("server: unexpected error")

@@ -5,28 +5,51 @@ Written after every round (every ``--checkpoint_every`` rounds) as
 then renamed over the old one), so a crash at any moment leaves either the previous or
 the new checkpoint, never a partial file. The server writes them in the background
 (:class:`CheckpointWriter`): the next round does not wait for the disk.
+
+Every record of the file carries a checksum (xxh3_64): the model's byte buffers, one
+per dtype, and the rest of the checkpoint, stored as one pickled ``bytes`` record. So a
+file damaged later (a bad disk, a bad copy) or cut short is named as such when it is
+loaded, instead of resuming from garbage; :func:`resolve_resume` then falls back to
+``checkpoint.pt.spare``, the checkpoint before the last.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
+import xxhash
 from torch.utils.serialization import config as serialization_config
 
-from fedml_api.utils.durable_file import PAGE_BYTES, durable_file
+from fedml_api.utils.durable_file import PAGE_BYTES, FileWriteError, describe_error, durable_file
 from fedml_core.distributed.communication.packed_tensors import PackedTensors, byte_view, dtype_from_name, dtype_name, plan_layout
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # The checkpoint before the last, whose disk space the next checkpoint reuses.
 SPARE_SUFFIX = ".spare"
 # 2: the global model is stored packed (see _packed_model).
-FORMAT_VERSION = 2
+# 3: every record has an xxh3_64 checksum; the fields other than the model's buffers are
+#    one pickled bytes record (see save_checkpoint).
+FORMAT_VERSION = 3
 # Niceness of the checkpoint writer thread: it yields the CPU to the round's work.
 WRITER_NICENESS = 10
+# torch.save writes a zip archive: it starts with a local file header and ends with the
+# end-of-central-directory record (22 bytes, no comment), which a truncated file lacks.
+_ZIP_START, _ZIP_END, _ZIP_END_BYTES = b"PK\x03\x04", b"PK\x05\x06", 22
+
+
+# The keys of a checkpoint's table of records (torch.save's pickle): a file with none of
+# them is something else, one with only some of them is damaged.
+_TABLE_KEYS = {"format", "fields", "groups", "checksums"}
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file is damaged or truncated (its message names the file and how)."""
 
 
 @dataclass
@@ -51,7 +74,12 @@ class ServerCheckpoint:
 
 
 def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint) -> str:
-    """Atomically write ``checkpoint`` to ``<run_dir>/checkpoint.pt``; returns the path."""
+    """Atomically write ``checkpoint`` to ``<run_dir>/checkpoint.pt``; returns the path.
+
+    Raises OSError (its ``filename`` the file being written) if it cannot be written;
+    the previous ``checkpoint.pt`` is then unchanged. A checkpoint that needs more space
+    than the filesystem has left fails with ENOSPC before writing anything.
+    """
     path = os.path.join(run_dir, CHECKPOINT_NAME)
     temporary, spare = path + ".partial", path + SPARE_SUFFIX
     # The previous checkpoint's file becomes the next one's: overwriting its blocks
@@ -63,13 +91,30 @@ def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint) -> str:
             os.unlink(spare)
         else:
             os.replace(spare, temporary)
-    fields = {**vars(checkpoint), "global_model": _packed_model(checkpoint.global_model)}
-    # No zip CRC32: it would double the CPU time of every checkpoint, and the atomic
-    # write + fsync + rename already guarantees a whole file. Records on page
-    # boundaries: the model then goes to the disk from its own memory, not copied.
-    settings = {"save.compute_crc32": False, "save.storage_alignment": PAGE_BYTES}
-    with durable_file(temporary) as f, serialization_config.patch(settings):
-        torch.save({"format": FORMAT_VERSION, **fields}, f)
+    layout, groups = _packed_model(checkpoint.global_model)
+    rest = {**vars(checkpoint), "global_model": layout}
+    fields = pickle.dumps(rest, protocol=pickle.HIGHEST_PROTOCOL)
+    checksums = {"fields": _checksum(fields), **{f"groups/{name}": _checksum(group) for name, group in groups.items()}}
+    try:
+        _check_free_space(temporary, len(fields) + sum(group.numel() for group in groups.values()))
+        # No zip CRC32: it would cost 5 times the checksums above. Records on page
+        # boundaries: the model then goes to the disk from its own memory, not copied.
+        settings = {"save.compute_crc32": False, "save.storage_alignment": PAGE_BYTES}
+        with durable_file(temporary) as f, serialization_config.patch(settings):
+            torch.save({"format": FORMAT_VERSION, "fields": fields, "groups": groups, "checksums": checksums}, f)
+    except (OSError, RuntimeError) as error:
+        # Half written, the file is of no use, and on a full disk its blocks are what
+        # the run's log and metrics need now.
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        # torch.save's zip writer, closing after a failed write, replaces the OSError
+        # with a RuntimeError of its own ("unexpected pos ...").
+        cause = error if isinstance(error, OSError) else error.__context__
+        if not isinstance(cause, OSError):
+            raise
+        if cause.filename is None:  # os.write's errors name no file
+            cause.filename = temporary
+        raise cause from None
     if os.path.exists(path):
         os.link(path, spare)
     os.replace(temporary, path)
@@ -81,22 +126,39 @@ def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint) -> str:
     return path
 
 
-def _packed_model(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
-    """The model as its layout plus one byte buffer per dtype. Views of packed buffers
-    (the server's aggregate) are written from where they are, with no copy; torch.save
-    could not take them as typed tensors when several dtypes share one buffer."""
+def _check_free_space(path: str, needed: int) -> None:
+    """Raise ENOSPC for ``path`` if its filesystem cannot take ``needed`` more bytes than
+    the file holds already: writing until the disk is full would first take the last
+    blocks that the run's log and metrics (and everything else on that disk) need."""
+    stats = os.statvfs(os.path.dirname(path))
+    held = os.stat(path).st_blocks * 512 if os.path.exists(path) else 0
+    free = stats.f_bavail * stats.f_frsize
+    if needed > free + held:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the checkpoint needs {needed:,} bytes, "
+                                    f"{free + held:,} are free", path)
+
+
+def _checksum(buffer: Any) -> int:
+    """xxh3_64 of a bytes object or of a uint8 tensor's memory: 25 GB/s here, against
+    5 for zlib.crc32 and 0.7 for blake2b (see docs/BENCHMARKS.md); it releases the GIL."""
+    return xxhash.xxh3_64_intdigest(buffer.numpy() if isinstance(buffer, torch.Tensor) else buffer)
+
+
+def _packed_model(state: Mapping[str, torch.Tensor]) -> Tuple[List[Tuple[str, str, Tuple[int, ...]]], Dict[str, torch.Tensor]]:
+    """The model as its layout (name, dtype, shape of each tensor) plus one byte buffer
+    per dtype. Views of packed buffers (the server's aggregate) are written from where
+    they are, with no copy; torch.save could not take them as typed tensors when several
+    dtypes share one buffer."""
     packed = PackedTensors.from_views(state) or PackedTensors.from_tensors(state)
-    return {
-        "tensors": [(spec.name, dtype_name(spec.dtype), spec.shape) for spec in packed.specs],
-        "groups": {dtype_name(dtype): byte_view(group) for dtype, group in packed.groups.items()},
-    }
+    layout = [(spec.name, dtype_name(spec.dtype), spec.shape) for spec in packed.specs]
+    return layout, {dtype_name(dtype): byte_view(group) for dtype, group in packed.groups.items()}
 
 
-def _unpacked_model(stored: Mapping[str, Any], path: str) -> Dict[str, torch.Tensor]:
-    specs, sizes = plan_layout([(name, dtype_from_name(dtype), tuple(shape)) for name, dtype, shape in stored["tensors"]])
-    groups = {dtype_from_name(name): raw.view(dtype_from_name(name)) for name, raw in stored["groups"].items()}
+def _unpacked_model(layout: List[Tuple[str, str, Tuple[int, ...]]], raw_groups: Mapping[str, torch.Tensor], path: str) -> Dict[str, torch.Tensor]:
+    specs, sizes = plan_layout([(name, dtype_from_name(dtype), tuple(shape)) for name, dtype, shape in layout])
+    groups = {dtype_from_name(name): raw.view(dtype_from_name(name)) for name, raw in raw_groups.items()}
     if {dtype: group.numel() for dtype, group in groups.items()} != sizes:
-        raise ValueError(f"--resume: {path} is damaged: its model's buffers do not match its tensor list")
+        raise DamagedCheckpoint(f"--resume: {path} is damaged: its model's buffers do not match its tensor list")
     return PackedTensors(specs, groups).tensors()
 
 
@@ -108,7 +170,9 @@ class CheckpointWriter:
     model is written from its own memory, not copied first). The thread runs at a low
     scheduling priority, in the CPU time the round leaves idle. If checkpoints come faster than the disk
     takes them, a waiting one is replaced by the newer one: each supersedes the last.
-    A failed write is raised by the next :meth:`submit` or by :meth:`close`.
+    A failed write is raised by the next :meth:`submit` or by :meth:`close`, as a
+    :class:`~fedml_api.utils.durable_file.FileWriteError` naming the file and the error
+    (e.g. ENOSPC); the checkpoint written before it is still on disk.
 
     Args:
         run_dir: where ``checkpoint.pt`` goes.
@@ -148,7 +212,12 @@ class CheckpointWriter:
     def _raise_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
-            raise RuntimeError(f"could not write the checkpoint in {self.run_dir}: {error}") from error
+            raise FileWriteError(self._describe(error)) from error
+
+    def _describe(self, error: BaseException) -> str:
+        path = os.path.join(self.run_dir, CHECKPOINT_NAME)
+        kept = f"the last checkpoint written, {path}, is unchanged" if os.path.exists(path) else "no checkpoint was written before"
+        return f"could not write the checkpoint {path}: {describe_error(error)}; {kept}"
 
     def _write_loop(self) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)  # this thread only (Linux)
@@ -162,7 +231,7 @@ class CheckpointWriter:
             try:
                 save_checkpoint(self.run_dir, make_checkpoint())
             except BaseException as error:  # reported to the server's thread
-                logging.error("could not write the checkpoint in %s: %s", self.run_dir, error)
+                logging.error("%s", self._describe(error))
                 with self._changed:
                     self._error = error
             finally:
@@ -175,19 +244,97 @@ class CheckpointWriter:
 
 
 def load_checkpoint(path: str) -> ServerCheckpoint:
-    """Load a checkpoint from a file or a run directory (its ``checkpoint.pt``)."""
+    """Load and verify a checkpoint from a file or a run directory (its ``checkpoint.pt``).
+
+    Raises FileNotFoundError if there is none; :class:`DamagedCheckpoint` (a ValueError
+    naming the file) if it is truncated, damaged or fails a checksum; ValueError if it is
+    not a checkpoint of this framework, or of another format version.
+    """
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume: no checkpoint at {path} (expected a run directory holding {CHECKPOINT_NAME}, or the file itself)")
-    raw = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(raw, dict) or "format" not in raw:
+    raw = _read_archive(path)
+    if not isinstance(raw, dict) or not _TABLE_KEYS & set(raw):
         raise ValueError(f"--resume: {path} is not a checkpoint of this framework")
-    if raw["format"] != FORMAT_VERSION:
-        raise ValueError(f"--resume: {path} has checkpoint format {raw['format']}; this version reads format {FORMAT_VERSION}")
-    raw.pop("format")
-    raw["global_model"] = _unpacked_model(raw["global_model"], path)
-    return ServerCheckpoint(**raw)
+    version = raw.get("format")
+    if isinstance(version, int) and 1 <= version < FORMAT_VERSION:
+        raise ValueError(f"--resume: {path} has checkpoint format {version}, written by an older version; "
+                         f"this version reads format {FORMAT_VERSION}")
+    if version != FORMAT_VERSION:
+        raise DamagedCheckpoint(f"--resume: {path} is damaged or from a newer version: its format is {version!r}; "
+                                f"this version reads format {FORMAT_VERSION}")
+    if not isinstance(raw.get("checksums"), dict) or not isinstance(raw.get("groups"), dict) or not isinstance(raw.get("fields"), bytes):
+        raise DamagedCheckpoint(f"--resume: {path} is damaged: its table of records is garbled")
+    records = {"fields": raw["fields"], **{f"groups/{name}": group for name, group in raw["groups"].items()}}
+    if set(records) != set(raw["checksums"]):
+        raise DamagedCheckpoint(f"--resume: {path} is damaged: it holds the records {sorted(records)}, "
+                                f"its checksums are for {sorted(raw['checksums'])}")
+    for name, record in records.items():
+        if _checksum(record) != raw["checksums"][name]:
+            raise DamagedCheckpoint(f"--resume: {path} is damaged: its record {name!r} fails its checksum")
+    fields = pickle.loads(raw["fields"])
+    fields["global_model"] = _unpacked_model(fields["global_model"], raw["groups"], path)
+    return ServerCheckpoint(**fields)
+
+
+def _read_archive(path: str) -> Any:
+    """``torch.load`` of ``path``, which must be a whole zip archive: a file cut short, or
+    one that torch cannot read, raises :class:`DamagedCheckpoint` naming it."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        start = f.read(len(_ZIP_START))
+        f.seek(max(0, size - _ZIP_END_BYTES))
+        end = f.read(_ZIP_END_BYTES)
+    if size == 0:
+        raise DamagedCheckpoint(f"--resume: {path} is truncated: it is empty")
+    if start != _ZIP_START:
+        raise DamagedCheckpoint(f"--resume: {path} is damaged or not a checkpoint: it is not a zip archive (torch.save's format)")
+    if not end.startswith(_ZIP_END):
+        raise DamagedCheckpoint(f"--resume: {path} is truncated: it ends after {size:,} bytes, without the zip archive's "
+                                f"end record (an interrupted copy or write?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch and pickle raise anything on garbage
+        reason = str(error).splitlines()[0] if str(error) else ""
+        raise DamagedCheckpoint(f"--resume: {path} is damaged: torch.load fails: {type(error).__name__}: {reason}") from None
+
+
+def resolve_resume(path: str) -> Tuple[ServerCheckpoint, str]:
+    """The checkpoint that ``--resume path`` continues from, loaded and verified.
+
+    Needs no MPI and is quick (it reads the file once, at disk speed, and checksums it),
+    so a launcher can call it before starting any rank.
+
+    Args:
+        path: a run directory (its ``checkpoint.pt`` is used) or a checkpoint file.
+
+    Returns:
+        ``(checkpoint, used_path)``: ``used_path`` is the file loaded. When the
+        checkpoint is damaged or truncated and its spare (``<file>.spare``, the one
+        before it) is intact, that is the spare; a WARNING then names both files and
+        the spare's round.
+
+    Raises:
+        FileNotFoundError: there is no checkpoint at ``path``.
+        DamagedCheckpoint: the checkpoint is damaged or truncated and has no intact spare
+            (the message names each file and what is wrong with it).
+        ValueError: not a checkpoint of this framework, or of another format version.
+    """
+    checkpoint_path = os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+    try:
+        return load_checkpoint(checkpoint_path), checkpoint_path
+    except DamagedCheckpoint as damaged:
+        spare = checkpoint_path + SPARE_SUFFIX
+        if not os.path.isfile(spare):
+            raise
+        try:
+            checkpoint = load_checkpoint(spare)
+        except ValueError as spare_error:  # damaged too, or of another format
+            raise DamagedCheckpoint(f"{damaged}; and its spare cannot be used either: {spare_error}") from None
+        logging.warning("%s; resuming from its spare %s instead, which holds the run up to round %d "
+                        "(0-based, as in metrics.jsonl)", damaged, spare, checkpoint.round_idx)
+        return checkpoint, spare
 
 
 def check_same_model(checkpoint: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor], path: str) -> None:

@@ -35,16 +35,16 @@ def run_preflight(args: Namespace, model_trainer: ModelTrainer) -> NoReturn:
     """Check what can be checked before any rank starts, then exit (0: the run may start;
     2: the first problem found, printed once)."""
     from .args import check_federation_args
-    from .checkpoint import check_same_model, load_checkpoint
+    from .checkpoint import check_same_model, resolve_resume
 
     try:
         check_federation_args(args)
         if os.environ.get(CHECK_DATA_ENV):
             check_client_data(args.data_path, args.client_num_in_total)
-        if args.resume:
-            checkpoint = load_checkpoint(args.resume)
+        if args.resume:  # a damaged checkpoint.pt with an intact spare resumes from the spare (with a warning)
+            checkpoint, resume_path = resolve_resume(args.resume)
             check_same_model(checkpoint.global_model, as_named_tensors(model_trainer.get_model_params(), model_trainer),
-                             args.resume)
+                             resume_path)
     except (ValueError, FileNotFoundError, TypeError) as error:  # TypeError: get_model_params' values
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
