@@ -21,9 +21,10 @@ from fedml_core.trainer.model_trainer import ModelTrainer
 FEATURES, CLASSES, LOCAL_STEPS = 4, 3, 3
 
 
-def make_model() -> nn.Module:
+def make_model(hidden: int = 8) -> nn.Module:
+    """The model; ``hidden`` units (12 float32 numbers each) make it as large as a test needs."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(FEATURES, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, CLASSES))
+    return nn.Sequential(nn.Linear(FEATURES, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
 
 
 def client_sample_number(client_id: int) -> int:

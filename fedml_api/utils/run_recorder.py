@@ -9,14 +9,17 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
+
+from fedml_api.utils.durable_file import FileWriteError, describe_error
 
 # Round summaries are the run's record: logged at INFO whatever the root logger's level.
 logger = logging.getLogger(__name__)
@@ -28,6 +31,9 @@ _NOT_PLOTTED = {"sample_number", "num_samples"}
 
 class RunRecorder:
     """Writes a run's records to ``run_dir`` and, when a wandb run is active, to wandb.
+
+    A file that cannot be written (e.g. the disk is full) raises
+    :class:`~fedml_api.utils.durable_file.FileWriteError` naming it.
 
     Args:
         run_dir: the run directory (created if missing).
@@ -43,11 +49,13 @@ class RunRecorder:
         self.records: List[Dict[str, Any]] = [dict(r) for r in previous_records]
         #: What :meth:`write_summary` wrote last (None: nothing yet).
         self.summary: Optional[Dict[str, Any]] = None
-        self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8")
-        for record in self.records:
-            self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
-        self._log_handler = logging.FileHandler(os.path.join(run_dir, "server.log"), encoding="utf-8")
+        self._metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        with _writing(self._metrics_path):
+            self._metrics = open(self._metrics_path, "w", encoding="utf-8")
+            for record in self.records:
+                self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
+        self._log_handler = _RunLogHandler(os.path.join(run_dir, "server.log"), encoding="utf-8")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger().addHandler(self._log_handler)
 
@@ -57,8 +65,9 @@ class RunRecorder:
         record = dict(record)
         record["server"] = process_resources()
         self.records.append(record)
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
+        with _writing(self._metrics_path):
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
         logger.info("%s", format_round(record, self.config.get("comm_round")))
         wandb = sys.modules.get("wandb")  # logged only if the user's main started a wandb run
         if wandb is not None and getattr(wandb, "run", None) is not None:
@@ -70,10 +79,15 @@ class RunRecorder:
                failed_clients: Optional[Mapping[int, str]] = None, stopped: Optional[str] = None) -> Dict[str, Any]:
         """Write the final model, ``summary.json`` and the plot; returns the summary
         (see :meth:`write_summary` for ``failed_clients`` and ``stopped``)."""
-        torch.save(dict(final_model), os.path.join(self.run_dir, "final_model.pt"))
+        final_model_path = os.path.join(self.run_dir, "final_model.pt")
+        # Through a Python file: torch.save to a path turns ENOSPC into a bare "unexpected pos".
+        with _writing(final_model_path), open(final_model_path, "wb") as f:
+            torch.save(dict(final_model), f)
         tested = [r for r in self.records if r.get("test")]
         if tested:
-            plot_test_metrics(tested, os.path.join(self.run_dir, "metrics.png"))
+            plot_path = os.path.join(self.run_dir, "metrics.png")
+            with _writing(plot_path):
+                plot_test_metrics(tested, plot_path)
         summary = self.write_summary(wall_seconds, failed_clients, stopped)  # last: the run's results are complete
         if stopped is None:
             logger.info("run finished in %.1f s; results in %s", wall_seconds, self.run_dir)
@@ -97,7 +111,8 @@ class RunRecorder:
         }
         if stopped is not None:
             summary["stopped"] = stopped
-        with open(os.path.join(self.run_dir, "summary.json"), "w", encoding="utf-8") as f:
+        summary_path = os.path.join(self.run_dir, "summary.json")
+        with _writing(summary_path), open(summary_path, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, default=str)
         self.summary = summary
         return summary
@@ -106,9 +121,35 @@ class RunRecorder:
         """Stop writing (idempotent): the last thing the server does with its recorder."""
         if self._metrics.closed:
             return
-        self._metrics.close()
+        # Their buffers can only hold what could not be written (a full disk), which
+        # already stopped the run or was reported.
+        with contextlib.suppress(OSError):
+            self._metrics.close()
         logging.getLogger().removeHandler(self._log_handler)
-        self._log_handler.close()
+        with contextlib.suppress(OSError):
+            self._log_handler.close()
+
+
+class _RunLogHandler(logging.FileHandler):
+    """``server.log``. A line that cannot be written (a full disk) is reported once, in
+    one line on stderr, instead of logging's traceback for every line."""
+
+    _failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self._failed:
+            self._failed = True
+            sys.stderr.write(f"could not write {self.baseFilename}: {describe_error(sys.exc_info()[1], self.baseFilename)}; "
+                             f"some lines will be missing from it\n")
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Turn an OSError raised while writing ``path`` into a FileWriteError naming it."""
+    try:
+        yield
+    except OSError as error:
+        raise FileWriteError(f"could not write {path}: {describe_error(error, path)}") from error
 
 
 def process_resources() -> Dict[str, float]:

@@ -28,6 +28,7 @@ if __name__ == "__main__":
     parser.add_argument("--inject_error", action="append", default=[], help="METHOD:CLIENT[:ROUND] (see FaultyTrainer)")
     parser.add_argument("--finish_delay", type=float, default=0.0,
                         help="seconds the server sleeps after the last round, before writing its results")
+    parser.add_argument("--hidden_units", type=int, default=8, help="the model's hidden layer width (its size: 48 bytes a unit)")
     args = parser.parse_args()
     if args.finish_delay:  # lets tests act after the last round, once the clients are released
         from fedml_api.utils.run_recorder import RunRecorder
@@ -38,7 +39,7 @@ if __name__ == "__main__":
     setproctitle.setproctitle("FedAvg (distributed):" + str(process_id))
     seed_everything(args.seed)
     device = init_training_device(process_id, comm)
-    model = make_model()
+    model = make_model(args.hidden_units)
     FedML_FedAvg_distributed(
         process_id, worker_number, device, comm, model, args,
         os.path.join(args.data_path, str(process_id), "train"),

@@ -144,7 +144,10 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
         if manager is None:  # failed before the run started: the clients still wait for us
             release_clients(transport, args.client_num_in_total)
         if recorder is not None and recorder.summary is None:
-            recorder.write_summary(time.perf_counter() - start, manager.failed if manager else None, stopped=reason)
+            try:
+                recorder.write_summary(time.perf_counter() - start, manager.failed if manager else None, stopped=reason)
+            except FileWriteError as summary_error:  # the full disk that stopped the run, say
+                logging.error("server: %s", summary_error)
         logging.error("FedAvg stopped: %s", reason)
         raise SystemExit(f"FedAvg stopped: {reason}") from None
     finally:

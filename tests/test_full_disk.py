@@ -1,0 +1,66 @@
+"""A full disk (a small tmpfs that fills up for real) stops a run with an error naming
+ENOSPC and the file that could not be written, never with a traceback."""
+import errno
+import re
+import threading
+
+import pytest
+import torch
+
+import fedml_api.utils.run_recorder as run_recorder
+from conftest import fill_filesystem
+from fedml_api.utils.durable_file import FileWriteError
+from fedml_api.utils.run_recorder import RunRecorder
+from test_fedavg_protocol import run_federation
+from tiny_federation import TinyTrainer
+
+
+def test_a_round_record_that_does_not_fit_raises_an_error_naming_metrics_jsonl(small_tmpfs):
+    run_dir = small_tmpfs("1m")
+    recorder = RunRecorder(str(run_dir))
+    fill_filesystem(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    with pytest.raises(FileWriteError, match=rf"^could not write {re.escape(str(metrics))}: ENOSPC \(No space left on device\)$"):
+        recorder.log_round({"round": 0, "sampled_clients": [1]})
+    recorder.close()  # quietly: the record it still holds already stopped the run
+
+
+def test_final_files_that_do_not_fit_raise_an_error_naming_them(small_tmpfs, monkeypatch):
+    run_dir = small_tmpfs("1m")
+    recorder = RunRecorder(str(run_dir))
+    filler = fill_filesystem(run_dir)
+    with pytest.raises(FileWriteError, match=rf"^could not write {re.escape(str(run_dir / 'final_model.pt'))}: ENOSPC "):
+        recorder.finish({"w": torch.zeros(10_000)}, wall_seconds=1.0)
+    filler.unlink()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_recorder.json, "dump", full_disk)
+    with pytest.raises(FileWriteError, match=rf"^could not write {re.escape(str(run_dir / 'summary.json'))}: ENOSPC "):
+        RunRecorder(str(run_dir)).finish({"w": torch.zeros(10)}, wall_seconds=1.0)
+
+
+def test_a_full_disk_during_a_round_stops_the_server_cleanly_and_releases_every_client(small_tmpfs, capfd):
+    root = small_tmpfs("3m")
+    filled = threading.Event()
+
+    class DiskFillingTrainer(TinyTrainer):
+        """The first local training fills the run's filesystem (as another program would)."""
+
+        def train(self, device, args, train_path):
+            if not filled.is_set():
+                filled.set()
+                fill_filesystem(root)
+            super().train(device, args, train_path)
+
+    # No checkpoint before the last round: round 0's record is the first write that needs space.
+    _, run_dir, errors = run_federation(root, clients=2, per_round=2, rounds=3, extra=["--checkpoint_every", "100"],
+                                        trainer_factory=DiskFillingTrainer)
+    assert list(errors) == [0], errors  # the clients were released and ended normally
+    assert isinstance(errors[0], SystemExit)
+    assert re.fullmatch(rf"FedAvg stopped: could not write {re.escape(str(run_dir / 'metrics.jsonl'))}: "
+                        r"ENOSPC \(No space left on device\)", str(errors[0].code))
+    stderr = capfd.readouterr().err
+    assert "Traceback" not in stderr, stderr  # server.log's failed lines are reported in one line
+    assert f"could not write {run_dir / 'server.log'}: ENOSPC (No space left on device); some lines will be missing from it" in stderr
