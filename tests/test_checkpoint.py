@@ -274,6 +274,28 @@ def test_a_damaged_checkpoint_with_an_intact_spare_resumes_from_the_spare_and_sa
     assert f"resuming from its spare {spare} instead, which holds the run up to round 0" in message
 
 
+def test_a_run_resumed_from_the_spare_in_its_own_directory_never_writes_over_that_spare(tmp_path, monkeypatch):
+    for round_idx in range(2):
+        save_checkpoint(str(tmp_path), _checkpoint(round_idx, _model_sized_state()))
+    _flip_64_bytes(tmp_path / "checkpoint.pt")
+    assert resolve_resume(str(tmp_path))[1] == str(tmp_path / "checkpoint.pt.spare")
+    spare = (tmp_path / "checkpoint.pt.spare").read_bytes()
+    # The resumed run's first checkpoint fails half-way: the spare is still the run's way back.
+    restore = _failing_midway(monkeypatch)
+    writer = CheckpointWriter(str(tmp_path))
+    writer.submit(lambda: _checkpoint(1, _model_sized_state()))
+    with pytest.raises(FileWriteError, match="ENOSPC"):
+        writer.close()
+    assert (tmp_path / "checkpoint.pt.spare").read_bytes() == spare
+    restore()
+    # Its first checkpoint that succeeds replaces the damaged file and keeps the spare.
+    writer = CheckpointWriter(str(tmp_path))
+    writer.submit(lambda: _checkpoint(1, _model_sized_state()))
+    writer.close()
+    assert load_checkpoint(str(tmp_path)).round_idx == 1
+    assert (tmp_path / "checkpoint.pt.spare").read_bytes() == spare
+
+
 def test_when_the_checkpoint_and_its_spare_are_both_damaged_the_error_names_both(tmp_path):
     for round_idx in range(2):
         save_checkpoint(str(tmp_path), _checkpoint(round_idx, _model_sized_state()))

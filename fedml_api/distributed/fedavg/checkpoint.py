@@ -73,15 +73,25 @@ class ServerCheckpoint:
     strategy_state: Dict[str, Any] = field(default_factory=dict)
 
 
-def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint) -> str:
+def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint, check_previous: bool = False) -> str:
     """Atomically write ``checkpoint`` to ``<run_dir>/checkpoint.pt``; returns the path.
 
     Raises OSError (its ``filename`` the file being written) if it cannot be written;
     the previous ``checkpoint.pt`` is then unchanged. A checkpoint that needs more space
     than the filesystem has left fails with ENOSPC before writing anything.
+
+    Args:
+        run_dir: the run directory.
+        checkpoint: what to write.
+        check_previous: verify the ``checkpoint.pt`` already there first (for a run's first
+            checkpoint: the run may have resumed from this directory's spare because that
+            file is damaged). If it is damaged, the spare, the only intact checkpoint, is
+            kept as it is instead of being written over, and the new checkpoint replaces
+            the damaged one.
     """
     path = os.path.join(run_dir, CHECKPOINT_NAME)
     temporary, spare = path + ".partial", path + SPARE_SUFFIX
+    keep_spare = False
     # The previous checkpoint's file becomes the next one's: overwriting its blocks
     # costs less than freeing one file and allocating another every round. (A crash
     # between the link and the rename below leaves the spare a second name of the
@@ -89,6 +99,8 @@ def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint) -> str:
     if os.path.exists(spare):
         if os.path.exists(path) and os.path.samefile(spare, path):
             os.unlink(spare)
+        elif check_previous and os.path.exists(path) and not _is_intact(path):
+            keep_spare = True
         else:
             os.replace(spare, temporary)
     layout, groups = _packed_model(checkpoint.global_model)
@@ -115,7 +127,7 @@ def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint) -> str:
         if cause.filename is None:  # os.write's errors name no file
             cause.filename = temporary
         raise cause from None
-    if os.path.exists(path):
+    if os.path.exists(path) and not keep_spare:
         os.link(path, spare)
     os.replace(temporary, path)
     directory = os.open(run_dir, os.O_RDONLY)
@@ -124,6 +136,14 @@ def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint) -> str:
     finally:
         os.close(directory)
     return path
+
+
+def _is_intact(path: str) -> bool:
+    try:
+        load_checkpoint(path)
+    except ValueError:  # damaged, truncated, or not a checkpoint this version reads
+        return False
+    return True
 
 
 def _check_free_space(path: str, needed: int) -> None:
@@ -172,7 +192,9 @@ class CheckpointWriter:
     takes them, a waiting one is replaced by the newer one: each supersedes the last.
     A failed write is raised by the next :meth:`submit` or by :meth:`close`, as a
     :class:`~fedml_api.utils.durable_file.FileWriteError` naming the file and the error
-    (e.g. ENOSPC); the checkpoint written before it is still on disk.
+    (e.g. ENOSPC); the checkpoint written before it is still on disk. Its first write
+    checks the checkpoint already in ``run_dir``, if any (``check_previous``), so that a
+    run resumed from that directory's spare never writes over it.
 
     Args:
         run_dir: where ``checkpoint.pt`` goes.
@@ -185,6 +207,7 @@ class CheckpointWriter:
         self._writing = False
         self._closed = False
         self._error: Optional[BaseException] = None
+        self._written = 0
         self._thread = threading.Thread(target=self._write_loop, name="checkpoint-writer", daemon=True)
         self._thread.start()
 
@@ -229,7 +252,8 @@ class CheckpointWriter:
                     return
                 make_checkpoint, self._waiting, self._writing = self._waiting, None, True
             try:
-                save_checkpoint(self.run_dir, make_checkpoint())
+                save_checkpoint(self.run_dir, make_checkpoint(), check_previous=self._written == 0)
+                self._written += 1
             except BaseException as error:  # reported to the server's thread
                 logging.error("%s", self._describe(error))
                 with self._changed:
