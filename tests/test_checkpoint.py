@@ -346,3 +346,34 @@ def test_a_write_that_hits_a_full_disk_frees_what_it_wrote_and_leaves_the_last_c
     assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(run_dir / "checkpoint.pt.partial"))
     assert os.statvfs(run_dir).f_bavail == free
     assert load_checkpoint(str(run_dir)).round_idx == 0
+
+
+# -- the server ------------------------------------------------------------------------
+
+def test_a_server_resumed_from_a_damaged_checkpoint_continues_from_the_spare_and_its_log_says_so(tmp_path):
+    from test_fedavg_protocol import run_federation
+
+    _, first_dir, errors = run_federation(tmp_path / "first", clients=2, per_round=2, rounds=2)
+    assert not errors and load_checkpoint(str(first_dir / "checkpoint.pt.spare")).round_idx == 0
+    _truncate(first_dir / "checkpoint.pt", 0.5)
+    _, run_dir, errors = run_federation(tmp_path / "resumed", clients=2, per_round=2, rounds=3,
+                                        extra=["--resume", str(first_dir)])
+    assert not errors
+    assert [r["round"] for r in load_checkpoint(str(run_dir)).records] == [0, 1, 2]
+    assert (f"WARNING server: resuming from the spare {first_dir / 'checkpoint.pt.spare'} after round 0: "
+            f"{first_dir / 'checkpoint.pt'} is damaged or truncated") in (run_dir / "server.log").read_text()
+
+
+def test_a_server_whose_checkpoint_and_spare_are_damaged_stops_before_any_round_naming_both(tmp_path):
+    from test_fedavg_protocol import run_federation
+
+    _, first_dir, errors = run_federation(tmp_path / "first", clients=2, per_round=2, rounds=2)
+    _truncate(first_dir / "checkpoint.pt", 0.5)
+    _truncate(first_dir / "checkpoint.pt.spare", 0.5)
+    _, run_dir, errors = run_federation(tmp_path / "resumed", clients=2, per_round=2, rounds=3,
+                                        extra=["--resume", str(first_dir)])
+    assert list(errors) == [0]  # the clients were released
+    message = str(errors[0].code)
+    assert message.startswith(f"FedAvg stopped: --resume: {first_dir / 'checkpoint.pt'} is truncated")
+    assert f"and its spare cannot be used either: --resume: {first_dir / 'checkpoint.pt.spare'} is truncated" in message
+    assert not (run_dir / "metrics.jsonl").exists()

@@ -22,7 +22,7 @@ from .args import add_args, default_run_dir, fill_federation_defaults
 from .FedAVGAggregator import FedAVGAggregator
 from .FedAVGTrainer import FedAVGTrainer, UserCodeError
 from .FedAvgClientManager import FedAVGClientManager, ServerLost, report_failure
-from .checkpoint import check_same_model, resolve_resume
+from .checkpoint import SPARE_SUFFIX, check_same_model, resolve_resume
 from .preflight import preflight_process_num, run_preflight
 from .FedAvgServerManager import FederationError, FedAVGServerManager, release_clients
 
@@ -130,7 +130,11 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
             check_same_model(checkpoint.global_model, aggregator.global_model.tensors(), resume_path)
             aggregator.set_global_model(checkpoint.global_model)
         recorder = RunRecorder(args.run_dir, config=vars(args), previous_records=checkpoint.records if checkpoint else ())
-        if checkpoint is not None:  # logged once server.log is open: it says which file was used
+        # Logged once server.log is open, so that it says which file the run continued from.
+        if checkpoint is not None and resume_path.endswith(SPARE_SUFFIX):
+            logging.warning("server: resuming from the spare %s after round %d: %s is damaged or truncated",
+                            resume_path, checkpoint.round_idx, resume_path.removesuffix(SPARE_SUFFIX))
+        elif checkpoint is not None:
             logging.info("server: resuming %s after round %d", resume_path, checkpoint.round_idx)
         manager = FedAVGServerManager(args, aggregator, transport, recorder, resume_from=checkpoint)
         manager.run()
