@@ -1,6 +1,7 @@
 """A full disk (a small tmpfs that fills up for real) stops a run with an error naming
 ENOSPC and the file that could not be written, never with a traceback."""
 import errno
+import os
 import re
 import threading
 
@@ -23,6 +24,27 @@ def test_a_round_record_that_does_not_fit_raises_an_error_naming_metrics_jsonl(s
     with pytest.raises(FileWriteError, match=rf"^could not write {re.escape(str(metrics))}: ENOSPC \(No space left on device\)$"):
         recorder.log_round({"round": 0, "sampled_clients": [1]})
     recorder.close()  # quietly: the record it still holds already stopped the run
+
+
+def test_a_resumed_runs_records_that_do_not_fit_raise_an_error_naming_metrics_jsonl_and_close_it(small_tmpfs):
+    run_dir = small_tmpfs("1m")
+    fill_filesystem(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    with pytest.raises(FileWriteError, match=rf"^could not write {re.escape(str(metrics))}: ENOSPC \(No space left on device\)$") as raised:
+        RunRecorder(str(run_dir), previous_records=[{"round": r} for r in range(1000)])
+    # Closed at once, though the error (``raised``, which stops the run) still refers to the recorder.
+    assert raised.value.__traceback__ is not None and str(metrics) not in open_files()
+
+
+def open_files() -> list:
+    """The files this process has open."""
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # listdir's own descriptor, closed since
+            pass
+    return paths
 
 
 def test_final_files_that_do_not_fit_raise_an_error_naming_them(small_tmpfs, monkeypatch):

@@ -52,9 +52,14 @@ class RunRecorder:
         self._metrics_path = os.path.join(run_dir, "metrics.jsonl")
         with _writing(self._metrics_path):
             self._metrics = open(self._metrics_path, "w", encoding="utf-8")
-            for record in self.records:
-                self._metrics.write(json.dumps(record) + "\n")
-            self._metrics.flush()
+            try:
+                for record in self.records:
+                    self._metrics.write(json.dumps(record) + "\n")
+                self._metrics.flush()
+            except OSError:
+                with contextlib.suppress(OSError):  # what it could not write is still in the checkpoint
+                    self._metrics.close()
+                raise
         self._log_handler = _RunLogHandler(os.path.join(run_dir, "server.log"), encoding="utf-8")
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger().addHandler(self._log_handler)
