@@ -288,9 +288,11 @@ def load_checkpoint(path: str) -> ServerCheckpoint:
     if version != FORMAT_VERSION:
         raise DamagedCheckpoint(f"--resume: {path} is damaged or from a newer version: its format is {version!r}; "
                                 f"this version reads format {FORMAT_VERSION}")
-    if not isinstance(raw.get("checksums"), dict) or not isinstance(raw.get("groups"), dict) or not isinstance(raw.get("fields"), bytes):
+    groups = raw.get("groups")
+    if (not isinstance(raw.get("checksums"), dict) or not isinstance(raw.get("fields"), bytes) or not isinstance(groups, dict)
+            or not all(isinstance(group, torch.Tensor) and group.dtype == torch.uint8 for group in groups.values())):
         raise DamagedCheckpoint(f"--resume: {path} is damaged: its table of records is garbled")
-    records = {"fields": raw["fields"], **{f"groups/{name}": group for name, group in raw["groups"].items()}}
+    records = {"fields": raw["fields"], **{f"groups/{name}": group for name, group in groups.items()}}
     if set(records) != set(raw["checksums"]):
         raise DamagedCheckpoint(f"--resume: {path} is damaged: it holds the records {sorted(records)}, "
                                 f"its checksums are for {sorted(raw['checksums'])}")
@@ -298,7 +300,7 @@ def load_checkpoint(path: str) -> ServerCheckpoint:
         if _checksum(record) != raw["checksums"][name]:
             raise DamagedCheckpoint(f"--resume: {path} is damaged: its record {name!r} fails its checksum")
     fields = pickle.loads(raw["fields"])
-    fields["global_model"] = _unpacked_model(fields["global_model"], raw["groups"], path)
+    fields["global_model"] = _unpacked_model(fields["global_model"], groups, path)
     return ServerCheckpoint(**fields)
 
 
