@@ -317,21 +317,24 @@ def test_a_damaged_checkpoint_without_a_spare_is_named_as_damaged(tmp_path):
 
 # -- a full disk ----------------------------------------------------------------------
 
-def test_a_checkpoint_that_does_not_fit_fails_with_enospc_before_filling_the_disk(small_tmpfs):
+def test_a_checkpoint_that_does_not_fit_fails_with_enospc_before_writing_or_moving_anything(small_tmpfs):
     run_dir = small_tmpfs("3m")
-    save_checkpoint(str(run_dir), _checkpoint(0, _model_sized_state()))  # 1 MiB
-    fill_filesystem(run_dir, leave=512 << 10)
+    for round_idx in range(2):  # 1 MiB each: the checkpoint and its spare
+        save_checkpoint(str(run_dir), _checkpoint(round_idx, _model_sized_state()))
+    fill_filesystem(run_dir, leave=256 << 10)
     free = os.statvfs(run_dir).f_bavail
+    larger = {**_model_sized_state(), "w2": torch.zeros(256, 1024)}  # 2 MiB: more than the spare's file and the free space
     writer = CheckpointWriter(str(run_dir))
-    writer.submit(lambda: _checkpoint(1, _model_sized_state()))
+    writer.submit(lambda: _checkpoint(2, larger))
     path = run_dir / "checkpoint.pt"
     with pytest.raises(FileWriteError, match=rf"^could not write the checkpoint {re.escape(str(path))}: ENOSPC \(No space left on device: "
                                             rf"the checkpoint needs [\d,]+ bytes, [\d,]+ are free\): {re.escape(str(path))}.partial; "
                                             rf"the last checkpoint written, {re.escape(str(path))}, is unchanged$"):
         writer.close()
     assert os.statvfs(run_dir).f_bavail == free  # nothing was written
-    assert load_checkpoint(str(run_dir)).round_idx == 0
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "filler"]
+    assert load_checkpoint(str(run_dir)).round_idx == 1
+    assert load_checkpoint(str(run_dir / "checkpoint.pt.spare")).round_idx == 0
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "checkpoint.pt.spare", "filler"]
 
 
 def test_a_write_that_hits_a_full_disk_frees_what_it_wrote_and_leaves_the_last_checkpoint(small_tmpfs, monkeypatch):
@@ -340,7 +343,7 @@ def test_a_write_that_hits_a_full_disk_frees_what_it_wrote_and_leaves_the_last_c
     fill_filesystem(run_dir, leave=512 << 10)
     free = os.statvfs(run_dir).f_bavail
     # As when the space runs out while the file is written (another program filled it).
-    monkeypatch.setattr("fedml_api.distributed.fedavg.checkpoint._check_free_space", lambda path, needed: None)
+    monkeypatch.setattr("fedml_api.distributed.fedavg.checkpoint._check_free_space", lambda path, reused, needed: None)
     with pytest.raises(OSError) as raised:
         save_checkpoint(str(run_dir), _checkpoint(1, _model_sized_state()))
     assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(run_dir / "checkpoint.pt.partial"))

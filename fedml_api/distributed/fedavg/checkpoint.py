@@ -77,8 +77,9 @@ def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint, check_previous: 
     """Atomically write ``checkpoint`` to ``<run_dir>/checkpoint.pt``; returns the path.
 
     Raises OSError (its ``filename`` the file being written) if it cannot be written;
-    the previous ``checkpoint.pt`` is then unchanged. A checkpoint that needs more space
-    than the filesystem has left fails with ENOSPC before writing anything.
+    the previous ``checkpoint.pt`` is then unchanged (the spare, whose file was being
+    written over, is gone). A checkpoint that needs more space than the filesystem has
+    left fails with ENOSPC before anything is written or moved.
 
     Args:
         run_dir: the run directory.
@@ -91,24 +92,25 @@ def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint, check_previous: 
     """
     path = os.path.join(run_dir, CHECKPOINT_NAME)
     temporary, spare = path + ".partial", path + SPARE_SUFFIX
-    keep_spare = False
+    layout, groups = _packed_model(checkpoint.global_model)
+    fields = pickle.dumps({**vars(checkpoint), "global_model": layout}, protocol=pickle.HIGHEST_PROTOCOL)
+    checksums = {"fields": _checksum(fields), **{f"groups/{name}": _checksum(group) for name, group in groups.items()}}
     # The previous checkpoint's file becomes the next one's: overwriting its blocks
     # costs less than freeing one file and allocating another every round. (A crash
     # between the link and the rename below leaves the spare a second name of the
     # checkpoint itself, which must then not be overwritten.)
+    reuse_spare = keep_spare = False
     if os.path.exists(spare):
         if os.path.exists(path) and os.path.samefile(spare, path):
             os.unlink(spare)
         elif check_previous and os.path.exists(path) and not _is_intact(path):
             keep_spare = True
         else:
-            os.replace(spare, temporary)
-    layout, groups = _packed_model(checkpoint.global_model)
-    rest = {**vars(checkpoint), "global_model": layout}
-    fields = pickle.dumps(rest, protocol=pickle.HIGHEST_PROTOCOL)
-    checksums = {"fields": _checksum(fields), **{f"groups/{name}": _checksum(group) for name, group in groups.items()}}
+            reuse_spare = True
+    _check_free_space(temporary, spare if reuse_spare else temporary, len(fields) + sum(group.numel() for group in groups.values()))
+    if reuse_spare:
+        os.replace(spare, temporary)
     try:
-        _check_free_space(temporary, len(fields) + sum(group.numel() for group in groups.values()))
         # No zip CRC32: it would cost 5 times the checksums above. Records on page
         # boundaries: the model then goes to the disk from its own memory, not copied.
         settings = {"save.compute_crc32": False, "save.storage_alignment": PAGE_BYTES}
@@ -146,16 +148,16 @@ def _is_intact(path: str) -> bool:
     return True
 
 
-def _check_free_space(path: str, needed: int) -> None:
-    """Raise ENOSPC for ``path`` if its filesystem cannot take ``needed`` more bytes than
-    the file holds already: writing until the disk is full would first take the last
-    blocks that the run's log and metrics (and everything else on that disk) need."""
+def _check_free_space(path: str, reused: str, needed: int) -> None:
+    """Raise ENOSPC for ``path`` if its filesystem cannot take ``needed`` bytes beyond
+    those of ``reused``, the existing file that will be written over (if any): writing
+    until the disk is full would first take the last blocks that the run's log and
+    metrics (and everything else on that disk) need."""
     stats = os.statvfs(os.path.dirname(path))
-    held = os.stat(path).st_blocks * 512 if os.path.exists(path) else 0
-    free = stats.f_bavail * stats.f_frsize
-    if needed > free + held:
+    available = stats.f_bavail * stats.f_frsize + (os.stat(reused).st_blocks * 512 if os.path.exists(reused) else 0)
+    if needed > available:
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the checkpoint needs {needed:,} bytes, "
-                                    f"{free + held:,} are free", path)
+                                    f"{available:,} are free", path)
 
 
 def _checksum(buffer: Any) -> int:
