@@ -86,3 +86,19 @@ def test_a_full_disk_during_a_round_stops_the_server_cleanly_and_releases_every_
     stderr = capfd.readouterr().err
     assert "Traceback" not in stderr, stderr  # server.log's failed lines are reported in one line
     assert f"could not write {run_dir / 'server.log'}: ENOSPC (No space left on device); some lines will be missing from it" in stderr
+
+
+def test_a_last_checkpoint_that_cannot_be_written_stops_the_server_cleanly_after_the_run(tmp_path, monkeypatch):
+    import fedml_api.distributed.fedavg.checkpoint as checkpoint_module
+
+    def full_disk(run_dir, checkpoint, check_previous=False):
+        raise OSError(errno.ENOSPC, "No space left on device", f"{run_dir}/checkpoint.pt.partial")
+
+    # The only checkpoint is the last round's, so its error is raised when the run ends.
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", full_disk)
+    _, run_dir, errors = run_federation(tmp_path, clients=2, per_round=2, rounds=1)
+    assert list(errors) == [0], errors
+    assert str(errors[0].code) == (f"FedAvg stopped: could not write the checkpoint {run_dir / 'checkpoint.pt'}: ENOSPC (No space left "
+                                   f"on device): {run_dir / 'checkpoint.pt.partial'}; no checkpoint was written before")
+    assert (run_dir / "server.log").read_text().splitlines()[-1].endswith(f"ERROR {errors[0].code}")
+    assert not (run_dir / "summary.json").exists()  # the run did not finish
