@@ -1,6 +1,7 @@
 """A full disk (a small tmpfs that fills up for real) stops a run with an error naming
 ENOSPC and the file that could not be written, never with a traceback."""
 import errno
+import json
 import os
 import re
 import threading
@@ -101,4 +102,5 @@ def test_a_last_checkpoint_that_cannot_be_written_stops_the_server_cleanly_after
     assert str(errors[0].code) == (f"FedAvg stopped: could not write the checkpoint {run_dir / 'checkpoint.pt'}: ENOSPC (No space left "
                                    f"on device): {run_dir / 'checkpoint.pt.partial'}; no checkpoint was written before")
     assert (run_dir / "server.log").read_text().splitlines()[-1].endswith(f"ERROR {errors[0].code}")
-    assert not (run_dir / "summary.json").exists()  # the run did not finish
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["status"], "FedAvg stopped: " + summary["stopped"]) == ("stopped", errors[0].code)
