@@ -21,7 +21,7 @@ from fedml_core.trainer.result_aggregator import WeightedMeanResultAggregator  #
 from tiny_federation import FaultyTrainer, make_model  # noqa: E402
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")  # as experiment.py
     comm, process_id, worker_number = FedML_init()
     parser = add_federation_args(argparse.ArgumentParser())
     parser.add_argument("--train_delay", type=float, default=0.0, help="seconds each local training sleeps first")
