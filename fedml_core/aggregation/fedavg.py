@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -32,7 +32,9 @@ from .validation import layout_mismatch, non_finite_tensor
 # while every source's block is added to it; larger blocks mean fewer Python-level ops.
 BLOCK_ELEMENTS = 1 << 19
 
-Shard = Tuple[torch.Tensor, List[Tuple[torch.Tensor, float]], int, int]  # sums, sources, start, end
+Shard = Tuple[torch.dtype, torch.Tensor, List[Tuple[torch.Tensor, float]], int, int]  # dtype, sums, sources, start, end
+#: ``finish(dtype, start, block)``: see :meth:`WeightedMeanAccumulator.result`.
+BlockFinisher = Callable[[torch.dtype, int, torch.Tensor], None]
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -97,14 +99,25 @@ class WeightedMeanAccumulator:
         if self.max_buffered is not None and len(self._pending) >= self.max_buffered:
             self._fold()
 
-    def result(self) -> PackedTensors:
+    def result(self, finish: Optional[BlockFinisher] = None) -> PackedTensors:
         """The weighted mean of the finite states added; resets the accumulator.
+
+        ``finish(dtype, start, block)``, if given, is called on every block of the
+        result while it is still in cache, in the pass that completes the mean (so a
+        server optimizer costs no extra pass over memory): ``block`` holds the weighted
+        mean of elements ``start..start+len(block)`` of that dtype's buffer (in the
+        accumulator's dtype: float32 for 16-bit floats, float64 for integers and
+        bools) and may be overwritten with the final values. It runs in worker threads
+        on disjoint blocks, and may run more than once on a block (a pass that met NaN
+        is redone without the culprits): it must write only there, and into memory of
+        its own that only it writes, from inputs it does not change.
 
         Raises ValueError if no state was added or every one was rejected.
         """
         if self._template is None:
             raise ValueError("no update was added: nothing to average")
-        self._fold()
+        if not self._fold(finish) and finish is not None and self._sums is not None:
+            self._fold_pending(finish)  # every update was folded already: a finishing pass alone
         template, sums = self._template, self._sums
         self._pending, self._sums, self._template, self._folded_weight = [], None, None, 0.0
         if sums is None:
@@ -119,27 +132,32 @@ class WeightedMeanAccumulator:
                 groups[dtype] = total if total.dtype == dtype else total.to(dtype)
         return PackedTensors(template.specs, groups)
 
-    def _fold(self) -> None:
-        """Fold the pending updates into the running mean, leaving out non-finite ones."""
+    def _fold(self, finish: Optional[BlockFinisher] = None) -> bool:
+        """Fold the pending updates into the running mean, leaving out non-finite ones;
+        True if a pass ran (and ``finish`` with it)."""
         if self._sums is not None:
             # The sums hold earlier batches already, which a pass could not be redone
             # without: check each update of this batch on its own first.
             self._reject({key: reason for key, params, _ in self._pending if (reason := non_finite_tensor(params))})
+        passed = False
         while self._pending:
-            culprits = self._fold_pending()
+            culprits = self._fold_pending(finish)
+            passed = True
             if not culprits:
                 break
             # Only on a first fold (the batches after it were checked first), so the
             # sums hold nothing but this pass: start them again without the culprits.
             self._reject(culprits)
             self._sums = None
+            passed = False
         self._pending = []
+        return passed
 
     def _reject(self, reasons: Dict[int, str]) -> None:
         self.rejected.update({key: reasons[key] for key, _, _ in self._pending if key in reasons})
         self._pending = [entry for entry in self._pending if entry[0] not in reasons]
 
-    def _fold_pending(self) -> Dict[int, str]:
+    def _fold_pending(self, finish: Optional[BlockFinisher] = None) -> Dict[int, str]:
         """One blocked pass of the pending updates into the running mean. Returns
         ``{key: reason}`` for the pending updates found holding NaN or Inf; the pass's
         result is then garbage and must be redone without them.
@@ -168,7 +186,7 @@ class WeightedMeanAccumulator:
             for first_block in range(0, blocks, per_worker):
                 start = first_block * BLOCK_ELEMENTS
                 end = min(total.numel(), (first_block + per_worker) * BLOCK_ELEMENTS)
-                shards.append((total, sources, start, end))
+                shards.append((dtype, total, sources, start, end))
         # Each thread folds a contiguous shard with single-threaded ops. (Hundreds of small
         # ops each split over all threads stall whenever one core is busy elsewhere: the
         # server shares its host with clients.)
@@ -176,14 +194,14 @@ class WeightedMeanAccumulator:
         torch.set_num_threads(1)
         try:
             if workers == 1 or len(shards) == 1:
-                non_finite_blocks = [_fold_range(*shard, keep) for shard in shards]
+                non_finite_blocks = [_fold_range(*shard, keep, finish) for shard in shards]
             else:
                 with ThreadPoolExecutor(workers) as pool:
-                    non_finite_blocks = list(pool.map(lambda shard: _fold_range(*shard, keep), shards))
+                    non_finite_blocks = list(pool.map(lambda shard: _fold_range(*shard, keep, finish), shards))
         finally:
             torch.set_num_threads(previous_threads)
         culprits: Dict[int, str] = {}
-        for (total, sources, _, _), blocks in zip(shards, non_finite_blocks):
+        for (_, total, sources, _, _), blocks in zip(shards, non_finite_blocks):
             for start, length in blocks:
                 found = [key for (key, _, _), (source, _) in zip(ordered, sources)
                          if not torch.isfinite(source.narrow(0, start, length)).all()]
@@ -196,10 +214,11 @@ class WeightedMeanAccumulator:
         return culprits
 
 
-def _fold_range(total: torch.Tensor, sources: List[Tuple[torch.Tensor, float]], start: int, end: int,
-                keep: Optional[float]) -> List[Tuple[int, int]]:
+def _fold_range(dtype: torch.dtype, total: torch.Tensor, sources: List[Tuple[torch.Tensor, float]], start: int, end: int,
+                keep: Optional[float], finish: Optional[BlockFinisher]) -> List[Tuple[int, int]]:
     """Set ``total[start:end]`` to ``keep`` times itself plus the weighted ``sources``
-    (``keep`` None: to the weighted sources alone), one cache-sized block at a time.
+    (``keep`` None: to the weighted sources alone), one cache-sized block at a time,
+    then ``finish`` each finite block (``dtype``: the group's own dtype).
 
     Returns ``(start, length)`` of the floating-point blocks that came out holding NaN
     or Inf: a weighted mean of finite values is finite, so those blocks are where some
@@ -214,7 +233,7 @@ def _fold_range(total: torch.Tensor, sources: List[Tuple[torch.Tensor, float]], 
         if keep is None:
             torch.mul(sources[0][0].narrow(0, block_start, length), sources[0][1], out=block)
             rest = sources[1:]
-        else:
+        elif keep != 1.0:
             block.mul_(keep)
         for source, weight in rest:
             block.add_(source.narrow(0, block_start, length), alpha=weight)
@@ -222,6 +241,8 @@ def _fold_range(total: torch.Tensor, sources: List[Tuple[torch.Tensor, float]], 
         # exact test decides).
         if check and not math.isfinite(block.sum()) and not torch.isfinite(block).all():
             non_finite.append((block_start, length))
+        elif finish is not None:
+            finish(dtype, block_start, block)
     return non_finite
 
 
@@ -242,7 +263,7 @@ class FedAvg(AggregationStrategy):
             raise ValueError(f"client {update.client_id} reported {update.sample_number} samples; expected a positive count")
         self._accumulator.add(update.params, update.sample_number, order_key=update.client_id)
 
-    def aggregate(self, global_model: PackedTensors) -> PackedTensors:
+    def aggregate(self, global_model: PackedTensors, round_idx: int = 0) -> PackedTensors:
         return self._accumulator.result()
 
     def rejected_updates(self) -> Dict[int, str]:

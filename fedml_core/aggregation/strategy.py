@@ -1,48 +1,217 @@
-"""The interface every aggregation strategy implements."""
+"""The interface every federated algorithm implements: a server-side strategy and,
+where the algorithm needs one, a client-side part (:class:`ClientAlgorithm`).
+
+One round, as the server drives it::
+
+    instructions = strategy.configure_round(round_idx, sampled_clients, global_model)
+    # each sampled client: the global model + instructions[client] (config, tensors);
+    #   on the client: ClientAlgorithm.before_train, the user's train(), after_train
+    for update in the replies:          # checked first: layout, extra tensors, finiteness
+        strategy.add(update)
+    global_model = strategy.aggregate(global_model, round_idx)
+    strategy.rejected_updates(), strategy.round_metrics()   # into metrics.jsonl
+    strategy.state_dict()                                    # into the checkpoint
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Dict
+from argparse import Namespace
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
 
 from ..distributed.communication.packed_tensors import PackedTensors
+
+#: ``(name, dtype, shape)`` of one tensor: what a layout is made of.
+TensorEntry = Tuple[str, torch.dtype, Tuple[int, ...]]
 
 
 @dataclass
 class ClientUpdate:
     """One client's contribution to a round.
 
+    Lifetime: ``params`` may be memory the client lent the server (its own model's
+    memory, on the server's host). It is valid until the server next sends that client
+    a message, which it does only after :meth:`AggregationStrategy.aggregate` returned:
+    a strategy must not keep ``params`` (or views of it) beyond ``aggregate``; copy
+    what it needs later (``tensors`` is received memory, but copy it too if you keep it
+    past the round: the transport recycles receive buffers nobody references).
+
     Attributes:
         client_id: the client's process id (1..CLIENT_NUM).
-        params: its full model state after local training, packed per dtype.
+        params: its full model state after local training, packed per dtype (same
+            names, order, dtypes and shapes as the global model: checked on arrival).
         sample_number: its number of training samples (its FedAvg weight).
+        tensors: the extra named tensors its :class:`ClientAlgorithm` sent (e.g.
+            SCAFFOLD's new control variate), or None; checked on arrival against
+            :meth:`AggregationStrategy.expected_client_tensors`, and finite.
+        metadata: plain JSON values its :class:`ClientAlgorithm` sent (e.g. FedNova's
+            local step count); checked by :meth:`AggregationStrategy.check_update`.
     """
 
     client_id: int
     params: PackedTensors
     sample_number: int
+    tensors: Optional[PackedTensors] = None
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClientInstructions:
+    """What the server sends one sampled client besides the global model.
+
+    Attributes:
+        config: plain JSON values (a proximal mu, a learning rate for this round, ...).
+        tensors: extra named tensors (e.g. SCAFFOLD's control-variate correction); CPU
+            tensors the strategy does not modify afterwards (they are sent concurrently).
+    """
+
+    config: Dict[str, Any] = field(default_factory=dict)
+    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FederationInfo:
+    """The federation a strategy serves, given to :meth:`AggregationStrategy.setup`.
+
+    Attributes:
+        num_clients: CLIENT_NUM, the number of clients (process ids 1..CLIENT_NUM).
+        clients_per_round: WORKER_NUM, the number sampled each round.
+        seed: the run's seed (for a strategy's own randomness, e.g. DP noise).
+    """
+
+    num_clients: int
+    clients_per_round: int
+    seed: int = 0
 
 
 class AggregationStrategy(ABC):
-    """Combines a round's client updates into the next global model.
+    """The server side of one federated algorithm.
 
     Updates arrive one at a time (:meth:`add`) so a strategy may fold them as they
     come instead of holding them all; :meth:`aggregate` returns the round's result and
     resets the strategy for the next round.
+
+    Two rules the server relies on:
+
+    * :meth:`aggregate` returns a new model and never modifies ``global_model`` in
+      place: the checkpoint thread may still be writing it from its own memory. The
+      same goes for the tensors :meth:`state_dict` returns: build new ones each round
+      instead of updating them in place.
+    * The updates' ``params`` are lent until :meth:`aggregate` returns (see
+      :class:`ClientUpdate`).
+
+    Attributes:
+        name: the algorithm's name (``--federated_optimizer``); clients check that the
+            server runs the algorithm they do.
     """
+
+    name = "FedAvg"
+
+    def setup(self, global_model: PackedTensors, trainable: Sequence[str], federation: FederationInfo) -> None:
+        """Called once before the first round (and before :meth:`load_state_dict` on a
+        resume). ``global_model``: the initial model (its layout is every round's);
+        ``trainable``: the names of its tensors that are parameters (the others are
+        buffers, e.g. BatchNorm statistics)."""
+
+    def configure_round(self, round_idx: int, clients: Sequence[int], global_model: PackedTensors) -> Dict[int, ClientInstructions]:
+        """``{client_id: instructions}`` for the sampled ``clients`` of round
+        ``round_idx`` (0-based); a client left out gets none (empty config, no tensors)."""
+        return {}
+
+    def expected_client_tensors(self) -> List[TensorEntry]:
+        """The extra tensors every update must carry, in order (none by default)."""
+        return []
+
+    def check_update(self, update: ClientUpdate) -> None:
+        """Raise :class:`~fedml_core.aggregation.validation.InvalidUpdate` if the
+        update's metadata is not what this algorithm's client part sends."""
 
     @abstractmethod
     def add(self, update: ClientUpdate) -> None:
         """Take one client's update for the current round."""
 
     @abstractmethod
-    def aggregate(self, global_model: PackedTensors) -> PackedTensors:
+    def aggregate(self, global_model: PackedTensors, round_idx: int = 0) -> PackedTensors:
         """The new global model from the updates added since the last call.
 
-        ``global_model`` is the model the clients started the round from.
+        ``global_model`` is the model the clients started round ``round_idx`` from; it
+        must not be modified. Raises ValueError if no update can be used.
         """
 
     def rejected_updates(self) -> Dict[int, str]:
         """``{client_id: reason}`` of the updates the last :meth:`aggregate` left out
         (e.g. for holding NaN or Inf). A strategy that rejects nothing returns ``{}``."""
         return {}
+
+    def round_metrics(self) -> Dict[str, Any]:
+        """Plain JSON values the last :meth:`aggregate` reports, added to the round's
+        record in ``metrics.jsonl`` (e.g. the privacy spent, the clipped clients)."""
+        return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The strategy's state between rounds (tensors and plain values), saved with
+        the checkpoint; a resumed run continues bit-exactly from it."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s result (after :meth:`setup`)."""
+        if state:
+            raise ValueError(f"{self.name} keeps no state, but the checkpoint holds {sorted(state)}")
+
+    def client_algorithm(self, args: Namespace) -> Optional["ClientAlgorithm"]:
+        """The client-side part of this algorithm (None: the user's train() alone)."""
+        return None
+
+
+@dataclass
+class ClientRound:
+    """What a client's algorithm part knows of the round it trains.
+
+    Attributes:
+        round_idx: the round (0-based).
+        client_id: this client's process id.
+        config: the server's :attr:`ClientInstructions.config` for this client.
+        tensors: the server's :attr:`ClientInstructions.tensors` for this client (CPU).
+        args: the run's arguments (the same on every process).
+    """
+
+    round_idx: int
+    client_id: int
+    config: Mapping[str, Any]
+    tensors: Mapping[str, torch.Tensor]
+    args: Namespace
+
+
+@dataclass
+class ClientReport:
+    """What a client's algorithm part sends the server besides the trained model.
+
+    Attributes:
+        tensors: extra named tensors (see :meth:`AggregationStrategy.expected_client_tensors`).
+        metadata: plain JSON values (see :meth:`AggregationStrategy.check_update`).
+    """
+
+    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+
+class ClientAlgorithm:
+    """The client side of an algorithm: what it does around the user's
+    ``ModelTrainer.train()``, which does not know about it.
+
+    :meth:`before_train` runs after the global model was loaded into the model (with
+    the trainer's ``set_model_params``), :meth:`after_train` after ``train()`` returned.
+    The model's tensors there may be the very memory the global model arrived in: an
+    algorithm that needs the global model during training (a proximal term) keeps its
+    own copy.
+    """
+
+    def before_train(self, model: torch.nn.Module, round_info: ClientRound) -> None:
+        """Prepare for local training of ``model`` (e.g. register gradient hooks)."""
+
+    def after_train(self, model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> ClientReport:
+        """Finish the round: ``state`` is the trained state about to be sent (it may be
+        modified in place, e.g. by an attack). Returns what to send besides it."""
+        return ClientReport()

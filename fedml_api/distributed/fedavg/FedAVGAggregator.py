@@ -7,7 +7,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from fedml_core.aggregation import AggregationStrategy, ClientUpdate, FedAvg
+from fedml_core.aggregation import AggregationStrategy, ClientInstructions, ClientUpdate, FedAvg, FederationInfo, InvalidUpdate
+from fedml_core.aggregation.validation import non_finite_tensor
 from fedml_core.distributed.communication.packed_tensors import PackedTensors
 from fedml_core.trainer.model_trainer import ModelTrainer, as_named_tensors
 from fedml_core.trainer.result_aggregator import ResultAggregator, aggregate_test_results
@@ -22,7 +23,8 @@ class FedAVGAggregator:
         result_aggregator: combines the clients' test metrics (``aggregate_result``, or
             FineFL's ``aggregate_test_result``).
         args: needs ``client_num_in_total``, ``client_num_per_round`` and ``seed``.
-        strategy: how updates are combined (default :class:`FedAvg`).
+        strategy: the algorithm's server side (default :class:`FedAvg`); set up here
+            with the initial model, whose ``named_parameters()`` are its trainable tensors.
     """
 
     def __init__(self, model_trainer: ModelTrainer, result_aggregator: ResultAggregator, args: Namespace, strategy: Optional[AggregationStrategy] = None) -> None:
@@ -31,6 +33,11 @@ class FedAVGAggregator:
         self.args = args
         self.strategy = strategy if strategy is not None else FedAvg(getattr(args, "max_buffered_updates", None))
         self.global_model = PackedTensors.from_tensors(as_named_tensors(model_trainer.get_model_params(), model_trainer))
+        model = getattr(model_trainer, "model", None)
+        trainable = ([name for name, _ in model.named_parameters()] if isinstance(model, torch.nn.Module)
+                     else [spec.name for spec in self.global_model.specs if spec.dtype.is_floating_point])
+        federation = FederationInfo(args.client_num_in_total, args.client_num_per_round, getattr(args, "seed", 0))
+        self.strategy.setup(self.global_model, trainable, federation)
 
     def set_global_model(self, state: Mapping[str, torch.Tensor]) -> None:
         """Replace the global model (e.g. with a checkpoint's)."""
@@ -51,17 +58,40 @@ class FedAVGAggregator:
         rng = np.random.default_rng([self.args.seed, round_idx])
         return sorted(pool[int(i)] for i in rng.choice(len(pool), per_round, replace=False))
 
-    def add_local_trained_result(self, client_id: int, params: PackedTensors, sample_number: int) -> None:
-        self.strategy.add(ClientUpdate(client_id, params, sample_number))
+    def configure_round(self, round_idx: int, clients: Sequence[int]) -> Dict[int, ClientInstructions]:
+        """Every sampled client's instructions; each config names the algorithm."""
+        given = self.strategy.configure_round(round_idx, clients, self.global_model)
+        instructions = {}
+        for client in clients:
+            own = given.get(client, ClientInstructions())
+            instructions[client] = ClientInstructions({"algorithm": self.strategy.name, **own.config}, own.tensors)
+        return instructions
 
-    def aggregate(self) -> Dict[int, str]:
+    def add_local_trained_result(self, client_id: int, params: PackedTensors, sample_number: int,
+                                 tensors: Optional[PackedTensors] = None, metadata: Optional[Mapping[str, Any]] = None) -> None:
+        """Hand one update to the strategy after checking its extra tensors (the ones
+        the strategy expects: names, order, dtypes, shapes; finite) and its metadata.
+        Raises :class:`InvalidUpdate` naming what is wrong."""
+        update = ClientUpdate(client_id, params, sample_number, tensors, dict(metadata or {}))
+        expected = [(name, dtype, tuple(shape)) for name, dtype, shape in self.strategy.expected_client_tensors()]
+        got = list(tensors.layout_key()) if tensors is not None else []
+        if got != expected:
+            raise InvalidUpdate(f"{self.strategy.name} expects the extra tensors {[e[0] for e in expected][:5]} "
+                                f"({len(expected)}), got {[g[0] for g in got][:5]} ({len(got)}), or other dtypes or shapes")
+        reason = non_finite_tensor(tensors) if tensors is not None else None
+        if reason is not None:
+            raise InvalidUpdate(f"extra {reason}")
+        self.strategy.check_update(update)
+        self.strategy.add(update)
+
+    def aggregate(self, round_idx: int = 0) -> Dict[int, str]:
         """Replace the global model by the aggregate of this round's updates.
 
         Returns ``{client_id: reason}`` of the updates the strategy left out (holding
         NaN or Inf, for FedAvg). Raises ValueError, leaving the global model as it was,
         if no update could be used.
         """
-        self.global_model = self.strategy.aggregate(self.global_model)
+        self.global_model = self.strategy.aggregate(self.global_model, round_idx)
         return self.strategy.rejected_updates()
 
     def global_model_state(self) -> Dict[str, torch.Tensor]:

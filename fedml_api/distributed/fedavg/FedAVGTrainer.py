@@ -5,11 +5,12 @@ import json
 import operator
 import time
 from argparse import Namespace
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from fedml_api.utils.process_setup import seed_everything
+from fedml_core.aggregation import ClientAlgorithm, ClientReport, ClientRound
 from fedml_core.trainer.model_trainer import ModelTrainer, ParamsForm, as_named_tensors
 
 
@@ -40,19 +41,23 @@ class FedAVGTrainer:
         device: where to train.
         args: the run's arguments, handed to the ModelTrainer.
         model_trainer: the user's :class:`ModelTrainer`.
+        algorithms: what runs around the user's ``train()`` (the algorithm's client
+            part, an attack), in order.
 
     Raises:
         UserCodeError: ``get_local_sample_number`` raised or did not return a sample
             count (an integer, at least 1 for the training data, at least 0 for the test data).
     """
 
-    def __init__(self, client_id: int, train_path: str, test_path: str, device: torch.device, args: Namespace, model_trainer: ModelTrainer) -> None:
+    def __init__(self, client_id: int, train_path: str, test_path: str, device: torch.device, args: Namespace, model_trainer: ModelTrainer,
+                 algorithms: Sequence[ClientAlgorithm] = ()) -> None:
         self.client_id = client_id
         self.train_path = train_path
         self.test_path = test_path
         self.device = device
         self.args = args
         self.trainer = model_trainer
+        self.algorithms = list(algorithms)
         # set_model_params gets the global model as get_model_params gives it (numpy, a list).
         self.params_form = ParamsForm.of(self._call("get_model_params"))
         self.train_sample_number = self._sample_number(train_path, minimum=1)
@@ -93,9 +98,12 @@ class FedAVGTrainer:
     def update_model(self, global_params: Mapping[str, torch.Tensor]) -> None:
         self._call("set_model_params", self.params_form.convert(global_params))
 
-    def train(self, round_idx: int) -> Tuple[Dict[str, torch.Tensor], int, float]:
-        """Train locally for round ``round_idx``; returns (state, sample number, seconds),
-        the state as name -> tensor whatever ``get_model_params`` returned (numpy arrays, a list).
+    def train(self, round_idx: int, config: Optional[Mapping[str, Any]] = None,
+              tensors: Optional[Mapping[str, torch.Tensor]] = None) -> Tuple[Dict[str, torch.Tensor], int, float, ClientReport]:
+        """Train locally for round ``round_idx`` with the server's ``config`` and extra
+        ``tensors`` for it; returns (state, sample number, seconds, what the algorithms
+        send besides the state), the state as name -> tensor whatever ``get_model_params``
+        returned (numpy arrays, a list).
 
         The random generators are re-seeded from ``(args.seed, round_idx, client_id)``
         first, so a client's update is a function of the global model and the round
@@ -105,9 +113,18 @@ class FedAVGTrainer:
         self.args.round_idx = round_idx
         seed_everything(round_seed(getattr(self.args, "seed", 0), round_idx, self.client_id))
         start = time.perf_counter()
+        round_info = ClientRound(round_idx, self.client_id, dict(config or {}), dict(tensors or {}), self.args)
+        for algorithm in self.algorithms:
+            algorithm.before_train(self.trainer.model, round_info)
         self._call("train", self.device, self.args, self.train_path)
+        state = self._model_params()
+        report = ClientReport()
+        for algorithm in self.algorithms:
+            part = algorithm.after_train(self.trainer.model, state)
+            report.tensors.update(part.tensors)
+            report.metadata.update(part.metadata)
         seconds = time.perf_counter() - start
-        return self._model_params(), self.train_sample_number, seconds
+        return state, self.train_sample_number, seconds, report
 
     def test(self) -> Tuple[Dict[str, Any], int, float]:
         """Test the current model on this client's test data; (metrics, sample number, seconds)."""

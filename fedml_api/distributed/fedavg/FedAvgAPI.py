@@ -11,6 +11,8 @@ import torch
 if TYPE_CHECKING:
     from mpi4py import MPI
 
+from fedml_core.aggregation import AggregationStrategy
+from fedml_core.aggregation.registry import client_algorithms, make_strategy
 from fedml_core.distributed.communication.transport import Transport
 from fedml_core.trainer.model_trainer import ModelTrainer, check_trainer
 from fedml_core.trainer.result_aggregator import ResultAggregator, check_result_aggregator
@@ -57,6 +59,7 @@ def FedML_FedAvg_distributed(
     result_aggregator: ResultAggregator,
     model_trainer: Optional[ModelTrainer] = None,
     transport: Optional[Transport] = None,
+    strategy: Optional[AggregationStrategy] = None,
 ) -> None:
     """Run this process's part of FedAvg: the server on process 0, a client elsewhere.
 
@@ -77,6 +80,9 @@ def FedML_FedAvg_distributed(
         model_trainer: the user's ModelTrainer around ``model`` (required). On a client its
             ``set_id(process_id - 1)`` is called before anything else.
         transport: overrides the MPI transport (e.g. an in-process one for tests).
+        strategy: the federated algorithm (default: the one ``args.federated_optimizer``
+            names, FedAvg without it); pass an equal one on every process: the server
+            runs it, each client runs its ``client_algorithm(args)``.
 
     Raises TypeError, on every process before any work, when the trainer or the result
     aggregator lacks a method the run will call (naming the class and the method).
@@ -100,13 +106,16 @@ def FedML_FedAvg_distributed(
         from fedml_core.distributed.communication.mpi_transport import MpiTransport
 
         transport = MpiTransport(comm)
+    if strategy is None:
+        strategy = make_strategy(args)
     if process_id == 0:
-        init_server(args, device, transport, model, model_trainer, result_aggregator)
+        init_server(args, device, transport, model, model_trainer, result_aggregator, strategy)
     else:
-        init_client(args, device, transport, process_id, model_trainer, train_path, test_path)
+        init_client(args, device, transport, process_id, model_trainer, train_path, test_path, strategy)
 
 
-def init_server(args: Namespace, device: torch.device, transport: Transport, model: torch.nn.Module, model_trainer: ModelTrainer, result_aggregator: ResultAggregator) -> None:
+def init_server(args: Namespace, device: torch.device, transport: Transport, model: torch.nn.Module, model_trainer: ModelTrainer,
+                result_aggregator: ResultAggregator, strategy: Optional[AggregationStrategy] = None) -> None:
     """Build the aggregator and server manager (from ``args.resume``'s checkpoint if
     given), then run the rounds.
 
@@ -119,7 +128,7 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
     report_server_start()
     start = time.perf_counter()
     args.run_dir = args.run_dir or default_run_dir()
-    aggregator = FedAVGAggregator(model_trainer, result_aggregator, args)
+    aggregator = FedAVGAggregator(model_trainer, result_aggregator, args, strategy)
     checkpoint = None
     recorder = None
     manager = None
@@ -129,6 +138,7 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
             checkpoint, resume_path = resolve_resume(args.resume)
             check_same_model(checkpoint.global_model, aggregator.global_model.tensors(), resume_path)
             aggregator.set_global_model(checkpoint.global_model)
+            aggregator.strategy.load_state_dict(checkpoint.strategy_state)
         recorder = RunRecorder(args.run_dir, config=vars(args), previous_records=checkpoint.records if checkpoint else ())
         # Logged once server.log is open, so that it says which file the run continued from.
         if checkpoint is not None and resume_path.endswith(SPARE_SUFFIX):
@@ -161,8 +171,10 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
         transport.close(status)
 
 
-def init_client(args: Namespace, device: torch.device, transport: Transport, process_id: int, model_trainer: ModelTrainer, train_path: str, test_path: str) -> None:
-    """Build this client's trainer and manager, then serve the server until it finishes.
+def init_client(args: Namespace, device: torch.device, transport: Transport, process_id: int, model_trainer: ModelTrainer, train_path: str, test_path: str,
+                strategy: Optional[AggregationStrategy] = None) -> None:
+    """Build this client's trainer (with ``strategy``'s client part) and manager, then
+    serve the server until it finishes.
 
     Any exception in the user's code (or ours) is reported to the server, which records
     it as this client's failure and goes on without it; this process then exits with
@@ -174,8 +186,10 @@ def init_client(args: Namespace, device: torch.device, transport: Transport, pro
         # trainer that does not derive from ModelTrainer may have no set_id.
         if callable(getattr(model_trainer, "set_id", None)):
             model_trainer.set_id(process_id - 1)
-        trainer = FedAVGTrainer(process_id, train_path, test_path, device, args, model_trainer)
-        manager = FedAVGClientManager(args, trainer, transport)
+        strategy = strategy if strategy is not None else make_strategy(args)
+        trainer = FedAVGTrainer(process_id, train_path, test_path, device, args, model_trainer,
+                                client_algorithms(args, strategy, process_id))
+        manager = FedAVGClientManager(args, trainer, transport, strategy.name)
         manager.run()
         status, finalize = 0, manager.finalize
     except ServerLost:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import logging
 import time
 from argparse import Namespace
+from typing import Dict
+
+import torch
 
 from fedml_core.distributed.client.client_manager import ClientManager
 from fedml_core.distributed.communication.message import Message
@@ -11,6 +14,7 @@ from fedml_core.distributed.communication.packed_tensors import PackedTensors, p
 from fedml_core.distributed.communication.transport import PeerFailure, Transport, TransportTimeout
 from fedml_core.trainer.model_trainer import ModelTrainer
 
+from .algorithm_messages import received_tensors, tensors_message
 from .FedAVGTrainer import FedAVGTrainer
 from .message_define import MyMessage
 
@@ -25,13 +29,19 @@ class ServerLost(RuntimeError):
 
 
 class FedAVGClientManager(ClientManager):
-    """Trains when sent a model, tests when asked, stops when told to finish."""
+    """Trains when sent a model, tests when asked, stops when told to finish.
 
-    def __init__(self, args: Namespace, trainer: FedAVGTrainer, transport: Transport) -> None:
+    Args:
+        algorithm: the name of the algorithm this client runs; the server's must match.
+    """
+
+    def __init__(self, args: Namespace, trainer: FedAVGTrainer, transport: Transport, algorithm: str = "FedAvg") -> None:
         super().__init__(args, transport)
         self.trainer = trainer
         # Set by the server's finish message: whether the job ends with MPI_Finalize.
         self.finalize = True
+        self.algorithm = algorithm
+        self._round_tensors: Dict[int, Dict[str, torch.Tensor]] = {}  # round: extra tensors sent before its model
         # Every model this client receives is loaded into its model at once: with the
         # model packed, it arrives in the model's own memory (loading it copies nothing)
         # and the trained state goes back as one buffer per dtype, lent to a server on
@@ -48,20 +58,33 @@ class FedAVGClientManager(ClientManager):
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT, self.handle_message_receive_model_from_server)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_TEST_MODEL, self.handle_message_test_model_on_client)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_FINISH, self.handle_message_finish)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.handle_message_round_tensors)
 
     def run(self) -> None:
         # The trainer has loaded this client's data: tell the server we can take work.
         self.send_message(Message(MyMessage.MSG_TYPE_C2S_CLIENT_READY, self.rank, 0))
         super().run()
 
+    def handle_message_round_tensors(self, msg: Message) -> None:
+        # Copied: the receive buffer is the transport's to recycle.
+        self._round_tensors = {msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX): received_tensors(msg).copy_tensors()}
+
     def handle_message_receive_model_from_server(self, msg: Message) -> None:
         round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
+        config = msg.params.get(MyMessage.MSG_ARG_KEY_CONFIG, {"algorithm": "FedAvg"})
+        if config.get("algorithm") != self.algorithm:
+            raise RuntimeError(f"client {self.rank} runs {self.algorithm}, but the server runs {config.get('algorithm')}: "
+                               f"give every process the same --federated_optimizer (or strategy)")
         self._load_model(msg)
-        params, num_samples, seconds = self.trainer.train(round_idx)
+        params, num_samples, seconds, report = self.trainer.train(round_idx, config, self._round_tensors.pop(round_idx, {}))
         logging.info("client %d: round %d trained on %d samples in %.2f s", self.rank, round_idx, num_samples, seconds)
+        if report.tensors:
+            self.send_message(tensors_message(MyMessage.MSG_TYPE_C2S_UPDATE_TENSORS, self.rank, 0, round_idx, report.tensors))
         reply = Message(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, self.rank, 0, tensors=params)
         self._pack_reply(reply)
         reply.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
+        if report.metadata:
+            reply.add_params(MyMessage.MSG_ARG_KEY_METADATA, report.metadata)
         reply.add_params(MyMessage.MSG_ARG_KEY_NUM_SAMPLES, num_samples)
         reply.add_params(MyMessage.MSG_ARG_KEY_TRAIN_SECONDS, seconds)
         self.send_message(reply)

@@ -11,6 +11,7 @@ from fedml_core.distributed.communication.message import Message
 from fedml_core.distributed.communication.transport import PeerFailure, Transport
 from fedml_core.distributed.server.server_manager import ServerManager
 
+from .algorithm_messages import received_tensors, tensors_message
 from .args import resolve_min_clients
 from .checkpoint import CheckpointWriter, ServerCheckpoint
 from .FedAVGAggregator import FedAVGAggregator
@@ -81,6 +82,7 @@ class FedAVGServerManager(ServerManager):
         self._accepted = 0
         self._train_seconds: List[float] = []
         self._test_results: Dict[int, Dict[str, Any]] = {}
+        self._update_tensors: Dict[int, Any] = {}  # client: extra tensors sent before its update
         self._round_start = self._phase_start = 0.0
         # Clients that have been in a training / test phase of this server process.
         self._started: Dict[str, set] = {"train": set(), "test": set()}
@@ -97,6 +99,7 @@ class FedAVGServerManager(ServerManager):
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, self.handle_message_receive_model_from_client)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_SEND_TEST_RESULT, self.handle_message_receive_test_result)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENT_FAILED, self.handle_message_client_failed)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_UPDATE_TENSORS, self.handle_message_receive_update_tensors)
 
     def run(self) -> None:
         try:
@@ -146,6 +149,7 @@ class FedAVGServerManager(ServerManager):
         self._record = {"round": self.round_idx, "sampled_clients": sampled, **self._record}
         self._accepted = 0
         self._train_seconds = []
+        self._update_tensors = {}
         self._round_start = time.perf_counter()
         self._begin_phase("train", sampled, MyMessage.MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT)
 
@@ -156,7 +160,8 @@ class FedAVGServerManager(ServerManager):
         try:
             check_layout(self.aggregator.global_model, msg.packed)
             num_samples = int(msg.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES))
-            self.aggregator.add_local_trained_result(sender, msg.packed, num_samples)
+            self.aggregator.add_local_trained_result(sender, msg.packed, num_samples, self._update_tensors.pop(sender, None),
+                                                     msg.params.get(MyMessage.MSG_ARG_KEY_METADATA))
         except (InvalidUpdate, ValueError) as error:
             self._reject_update(sender, str(error))
         else:
@@ -164,6 +169,14 @@ class FedAVGServerManager(ServerManager):
             self._train_seconds.append(float(msg.get(MyMessage.MSG_ARG_KEY_TRAIN_SECONDS)))
         self._waiting.discard(sender)
         self._maybe_end_phase()
+
+    def handle_message_receive_update_tensors(self, msg: Message) -> None:
+        """Keep the extra tensors a client sends just before its update."""
+        if self._expected(msg, "train"):
+            try:
+                self._update_tensors[msg.get_sender_id()] = received_tensors(msg)
+            except ValueError as error:
+                self._reject_update(msg.get_sender_id(), str(error))
 
     def _reject_update(self, client_id: int, reason: str) -> None:
         logging.error("server: round %d: rejected the update of client %d: %s", self.round_idx, client_id, reason)
@@ -173,7 +186,7 @@ class FedAVGServerManager(ServerManager):
         self._require_usable_updates(self._accepted)
         updates_in = time.perf_counter()
         try:
-            rejected = self.aggregator.aggregate()
+            rejected = self.aggregator.aggregate(self.round_idx)
         except ValueError as error:  # every update rejected
             raise FederationError(f"round {self.round_idx}: cannot aggregate: {error}") from None
         for client_id, reason in sorted(rejected.items()):
@@ -181,6 +194,7 @@ class FedAVGServerManager(ServerManager):
         # Fewer than min_clients finite updates: the aggregate is not checkpointed.
         self._require_usable_updates(self._accepted - len(rejected))
         aggregated = time.perf_counter()
+        self._record.update(self.aggregator.strategy.round_metrics())
         slowest_training = max(self._train_seconds)
         self._record.update(
             train_seconds=slowest_training,
@@ -237,10 +251,20 @@ class FedAVGServerManager(ServerManager):
         else:
             allowance = (self.args.startup_timeout or 0.0) if self._phase_has_allowance else 0.0
             self.deadline = time.monotonic() + self.round_timeout + allowance
+        instructions = self.aggregator.configure_round(self.round_idx, clients) if phase == "train" else {}
+        # The round's extra tensors go first (a sender's messages arrive in order).
+        extras = [tensors_message(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.rank, c, self.round_idx, instructions[c].tensors)
+                  for c in clients if c in instructions and instructions[c].tensors]
+        for client_id, error in self.transport.send_many(extras, timeout=self.round_timeout).items():
+            self._client_failed(client_id, "its process died" if isinstance(error, PeerFailure) else f"could not be sent the model: {error}")
         messages = []
         for client_id in clients:
+            if client_id in self.failed:
+                continue
             message = Message(msg_type, self.rank, client_id)
             message.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, self.round_idx)
+            if client_id in instructions:
+                message.add_params(MyMessage.MSG_ARG_KEY_CONFIG, instructions[client_id].config)
             message.set_packed(self.aggregator.global_model)
             messages.append(message)
         # Concurrent sends: a frozen client holds up nobody but itself.
@@ -329,8 +353,11 @@ class FedAVGServerManager(ServerManager):
         # modified (the next one is built in other memory) and is written from where it
         # is; the rest is copied now.
         model, round_idx, failed, records = self.aggregator.global_model, self.round_idx, dict(self.failed), list(self.recorder.records)
+        # The strategy builds new state tensors every round (its contract): these stay as they are.
+        strategy_state = self.aggregator.strategy.state_dict()
         self.checkpoints.submit(lambda: ServerCheckpoint(
             round_idx=round_idx, global_model=model.tensors(), failed_clients=failed, records=records, seed=self.args.seed,
+            strategy_state=strategy_state,
         ))
 
     def _finish_run(self) -> None:

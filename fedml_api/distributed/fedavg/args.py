@@ -41,6 +41,8 @@ class ArgumentParser(argparse.ArgumentParser):
         match = spelled if spelled in options else next(iter(difflib.get_close_matches(spelled, options, n=1, cutoff=0.6)), None)
         return f"{name}: did you mean {match}?" if match else None
 
+from fedml_core.aggregation.registry import add_optimizer_args, make_strategy
+
 
 def add_federation_args(parser: argparse.ArgumentParser, default_data_path: Optional[str] = None) -> argparse.ArgumentParser:
     """Add the arguments every FedAvg experiment shares; returns ``parser``.
@@ -82,6 +84,7 @@ def add_federation_args(parser: argparse.ArgumentParser, default_data_path: Opti
                             "aggregates in place instead of receiving a copy; off: every update is sent as a copy")
     group.add_argument("--max_buffered_updates", type=int, default=None,
                        help="fold client updates into the average every N arrivals to bound server memory (default: all at once, fastest)")
+    add_optimizer_args(parser)
     return parser
 
 
@@ -140,6 +143,11 @@ def check_federation_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--min_clients_per_round ({args.min_clients_per_round:g}) cannot exceed WORKER_NUM ({args.client_num_per_round})")
     if args.max_buffered_updates is not None and args.max_buffered_updates < 1:
         raise ValueError(f"--max_buffered_updates must be at least 1, got {args.max_buffered_updates}")
+    make_strategy(args)  # an unknown name or a bad option value
+    if bool(args.attack) != bool(args.attackers):
+        raise ValueError("--attack and --attackers go together (e.g. --attack sign_flip --attackers 2,5)")
+    if args.attackers and max(args.attackers) > args.client_num_in_total:
+        raise ValueError(f"--attackers {args.attackers} names a client above CLIENT_NUM={args.client_num_in_total}")
 
 
 def default_run_dir(experiment: Optional[str] = None) -> str:

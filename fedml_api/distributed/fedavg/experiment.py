@@ -30,6 +30,7 @@ import torch
 
 from fedml_api.utils.process_setup import init_training_device, seed_everything
 from fedml_api.utils.wandb_setup import init_wandb
+from fedml_core.aggregation import AggregationStrategy
 from fedml_core.trainer.model_trainer import ModelTrainer
 from fedml_core.trainer.result_aggregator import ResultAggregator
 
@@ -46,6 +47,7 @@ def run_fedavg_experiment(
     make_result_aggregator: Callable[[], ResultAggregator],
     check_model_args: Optional[Callable[[argparse.Namespace], None]] = None,
     default_data_path: Optional[str] = None,
+    strategy: Optional[Callable[[argparse.Namespace], AggregationStrategy]] = None,
 ) -> None:
     """Run this process's part of a FedAvg experiment (see the module docstring).
 
@@ -60,6 +62,8 @@ def run_fedavg_experiment(
         default_data_path: ``--data_path`` when none is given, relative to the project
             root (the experiment's documented data folder, e.g.
             ``"fedml_api/model/ResNet18/cifar10"``); None makes ``--data_path`` required.
+        strategy: ``args -> AggregationStrategy``, e.g. your strategy class (default:
+            the one ``--federated_optimizer`` names).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -101,6 +105,7 @@ def run_fedavg_experiment(
     result_aggregator = make_result_aggregator()
 
     FedML_FedAvg_distributed(process_id, worker_number, device, comm, model, args,
-                             train_path, test_path, result_aggregator, model_trainer)
+                             train_path, test_path, result_aggregator, model_trainer,
+                             strategy=strategy(args) if strategy is not None else None)
     if wandb_run is not None:
         wandb_run.finish()

@@ -9,6 +9,14 @@ each answers ``C2S_SEND_TEST_RESULT``; at the end the server sends ``S2C_FINISH`
 (``finalize``: whether the ranks may end with MPI_Finalize, i.e. no peer was lost).
 Failure: a client whose code raised sends ``C2S_CLIENT_FAILED`` (``error``: what
 raised), waits for the server's ``S2C_FINISH`` (so the report is not lost) and exits.
+
+Algorithms (``--federated_optimizer``): the train message carries the round's config
+(``config``: the algorithm's name and its per-client values); when the algorithm sends
+a client extra tensors, ``S2C_ROUND_TENSORS`` carries them just before the train
+message; a client whose algorithm part returns extra tensors sends them as
+``C2S_UPDATE_TENSORS`` just before its update, whose ``metadata`` holds the part's plain
+values. (Extra tensors travel in their own message so that the model's messages keep
+the model's layout: received in place, lent on one host.)
 """
 
 
@@ -17,12 +25,14 @@ class MyMessage:
     MSG_TYPE_S2C_SYNC_MODEL_TO_CLIENT = 1
     MSG_TYPE_S2C_TEST_MODEL = 2
     MSG_TYPE_S2C_FINISH = 3
+    MSG_TYPE_S2C_ROUND_TENSORS = 4
 
     # client -> server
     MSG_TYPE_C2S_CLIENT_READY = 10
     MSG_TYPE_C2S_SEND_MODEL_TO_SERVER = 11
     MSG_TYPE_C2S_SEND_TEST_RESULT = 12
     MSG_TYPE_C2S_CLIENT_FAILED = 13
+    MSG_TYPE_C2S_UPDATE_TENSORS = 14
 
     # params
     MSG_ARG_KEY_ROUND_INDEX = "round_idx"
@@ -32,3 +42,5 @@ class MyMessage:
     MSG_ARG_KEY_TEST_SECONDS = "test_seconds"
     MSG_ARG_KEY_ERROR = "error"
     MSG_ARG_KEY_FINALIZE = "finalize"
+    MSG_ARG_KEY_CONFIG = "config"
+    MSG_ARG_KEY_METADATA = "metadata"

@@ -1,0 +1,25 @@
+"""FedAdam (Reddi et al., 2021, "Adaptive Federated Optimization")."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .fedopt import FedOpt
+
+
+class FedAdam(FedOpt):
+    """:class:`~fedml_core.aggregation.fedopt.FedOpt` with
+    ``v <- beta2 * v + (1 - beta2) * delta^2``.
+
+    Args: see :class:`~fedml_core.aggregation.fedopt.FedOpt`.
+    """
+
+    name = "FedAdam"
+
+    def __init__(self, server_lr: float = 0.1, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-9,
+                 max_buffered_updates: Optional[int] = None) -> None:
+        super().__init__(server_lr, beta1, beta2, tau, max_buffered_updates)
+
+    def second_moment(self, v: torch.Tensor, delta_squared: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.lerp(v, delta_squared, 1 - self.beta2, out=out)

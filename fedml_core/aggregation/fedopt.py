@@ -1,0 +1,54 @@
+"""FedOpt: adaptive server optimizers on the FedAvg pseudo-gradient (Reddi et al., 2021,
+"Adaptive Federated Optimization", Algorithm 2). FedAdagrad, FedAdam and FedYogi differ
+only in how they update the second moment ``v``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .server_optimizer import ServerOptimizer, StateSlices
+
+
+class FedOpt(ServerOptimizer):
+    """Reddi et al.'s Algorithm 2, per trainable element, with ``delta = mean - x``
+    (``mean``: the clients' sample-weighted mean, ``x``: the round's global model)::
+
+        m <- beta1 * m + (1 - beta1) * delta
+        v <- second_moment(v, delta^2)             (the subclass's rule)
+        x <- x + server_lr * m / (sqrt(v) + tau)
+
+    starting from ``m = 0`` and ``v = tau^2`` (the paper's ``v_{-1} >= tau^2``), with
+    no bias correction, as in the paper. Buffers take the mean.
+
+    Args:
+        server_lr: eta, the server learning rate (in units of the model's values).
+        beta1: the first-moment decay, in [0, 1).
+        beta2: the second-moment decay, in [0, 1) (unused by FedAdagrad).
+        tau: the adaptivity (added to sqrt(v)), > 0.
+        max_buffered_updates: see :class:`~fedml_core.aggregation.fedavg.WeightedMeanAccumulator`.
+    """
+
+    state_names = ("m", "v")
+
+    def __init__(self, server_lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-9,
+                 max_buffered_updates: Optional[int] = None) -> None:
+        if not server_lr > 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1 or not tau > 0:
+            raise ValueError(f"{self.name} needs server_lr > 0, beta1 and beta2 in [0, 1) and tau > 0; "
+                             f"got server_lr={server_lr}, beta1={beta1}, beta2={beta2}, tau={tau}")
+        super().__init__(max_buffered_updates)
+        self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+
+    def initial_state(self, name: str) -> float:
+        return self.tau ** 2 if name == "v" else 0.0
+
+    def second_moment(self, v: torch.Tensor, delta_squared: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write the new ``v`` into ``out`` (``delta_squared`` may be overwritten)."""
+        raise NotImplementedError
+
+    def step(self, mean: torch.Tensor, x: torch.Tensor, old: StateSlices, new: StateSlices) -> None:
+        delta = torch.sub(mean, x)
+        m = torch.lerp(old["m"], delta, 1 - self.beta1, out=new["m"])
+        v = self.second_moment(old["v"], delta.mul_(delta), out=new["v"])
+        denominator = torch.sqrt(v, out=delta).add_(self.tau)
+        torch.addcdiv(x, m, denominator, value=self.server_lr, out=mean)

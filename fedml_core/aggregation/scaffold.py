@@ -1,0 +1,150 @@
+"""SCAFFOLD (Karimireddy et al., 2020, "SCAFFOLD: Stochastic Controlled Averaging for
+Federated Learning"), Algorithm 1 with option II for the client control variate."""
+from __future__ import annotations
+
+from argparse import Namespace
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from ..distributed.communication.packed_tensors import PackedTensors, dtype_from_name, dtype_name, plan_layout
+from .local_training import DeviceCache, GradientHooks, cpu_copy
+from .server_optimizer import ServerOptimizer, StateSlices, global_step
+from .strategy import ClientAlgorithm, ClientInstructions, ClientReport, ClientRound, ClientUpdate, FederationInfo, TensorEntry
+from .validation import InvalidUpdate
+
+
+class SCAFFOLD(ServerOptimizer):
+    """Control variates correct the clients' drift.
+
+    The server keeps the global control variate ``c`` and every client's ``c_i`` (zero
+    until the client first trains; kept across rounds and in the checkpoint), over the
+    trainable parameters. Each sampled client gets ``c - c_i`` and trains with that
+    correction added to every gradient; it returns its model ``y_i`` and, by option II,
+    ``c_i+ = c_i - c + (x - y_i) / (K * lr)`` (``K`` local steps of learning rate
+    ``lr``). Then, with ``S`` the round's clients and ``N`` all clients::
+
+        x   <- x + server_lr * (1/|S|) * sum_i (y_i - x)      (uniform, as in the paper)
+        c   <- c + (1/N) * sum_i (c_i+ - c_i)
+        c_i <- c_i+
+
+    Buffers take the uniform mean of the clients' buffers.
+
+    Args:
+        server_lr: eta_g, the global step size (1: the mean of the client models).
+        max_buffered_updates: see :class:`~fedml_core.aggregation.fedavg.WeightedMeanAccumulator`.
+    """
+
+    name = "SCAFFOLD"
+
+    def __init__(self, server_lr: float = 1.0, max_buffered_updates: Optional[int] = None) -> None:
+        if not server_lr > 0:
+            raise ValueError(f"SCAFFOLD needs server_lr > 0, got {server_lr}")
+        super().__init__(max_buffered_updates)
+        self.server_lr = server_lr
+        self._entries: List[TensorEntry] = []
+        self.control = None  # type: Optional[PackedTensors]
+        self.client_controls: Dict[int, PackedTensors] = {}
+        self._returned: Dict[int, PackedTensors] = {}
+
+    def setup(self, global_model: PackedTensors, trainable: Sequence[str], federation: FederationInfo) -> None:
+        super().setup(global_model, trainable, federation)
+        names = set(self.updated_names(global_model, trainable))
+        self._entries = [(s.name, s.dtype, s.shape) for s in global_model.specs if s.name in names]
+        self.control = self._zeros()
+
+    def _zeros(self) -> PackedTensors:
+        specs, sizes = plan_layout(self._entries)
+        return PackedTensors(specs, {dtype: torch.zeros(n, dtype=dtype) for dtype, n in sizes.items()})
+
+    def weight(self, update: ClientUpdate) -> float:
+        return 1.0
+
+    def configure_round(self, round_idx: int, clients: Sequence[int], global_model: PackedTensors) -> Dict[int, ClientInstructions]:
+        instructions = {}
+        for client in clients:
+            own = self.client_controls.get(client)
+            groups = {dtype: c - own.groups[dtype] if own is not None else c for dtype, c in self.control.groups.items()}
+            instructions[client] = ClientInstructions(tensors=PackedTensors(self.control.specs, groups).tensors())
+        return instructions
+
+    def expected_client_tensors(self) -> List[TensorEntry]:
+        return list(self._entries)
+
+    def check_update(self, update: ClientUpdate) -> None:
+        steps = update.metadata.get("local_steps")
+        if type(steps) is not int or steps < 1:
+            raise InvalidUpdate(f"SCAFFOLD update without a positive 'local_steps' count (got {steps!r})")
+
+    def add(self, update: ClientUpdate) -> None:
+        super().add(update)
+        # Received memory that the transport recycles: keep a copy.
+        self._returned[update.client_id] = PackedTensors(update.tensors.specs, {d: g.clone() for d, g in update.tensors.groups.items()})
+
+    def step(self, mean: torch.Tensor, x: torch.Tensor, old: StateSlices, new: StateSlices) -> None:
+        global_step(mean, x, self.server_lr)
+
+    def aggregate(self, global_model: PackedTensors, round_idx: int = 0) -> PackedTensors:
+        returned, self._returned = self._returned, {}
+        result = super().aggregate(global_model, round_idx)
+        used = {client: c for client, c in returned.items() if client not in self.rejected_updates()}
+        zero = self._zeros()
+        groups = {}
+        for dtype, c in self.control.groups.items():
+            drift = sum((new.groups[dtype] - self.client_controls.get(client, zero).groups[dtype] for client, new in used.items()),
+                        torch.zeros_like(c))
+            groups[dtype] = c + drift / self.federation.num_clients  # a new tensor: the checkpoint may be writing c
+        self.control = PackedTensors(self.control.specs, groups)
+        self.client_controls.update(used)
+        return result
+
+    def state_dict(self) -> Dict[str, Any]:
+        def plain(packed: PackedTensors) -> Dict[str, torch.Tensor]:
+            return {dtype_name(d): g for d, g in packed.groups.items()}
+        return {"control": plain(self.control), "client_controls": {c: plain(p) for c, p in self.client_controls.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        def packed(groups: Mapping[str, torch.Tensor]) -> PackedTensors:
+            loaded = {dtype_from_name(d): g for d, g in groups.items()}
+            if {d: g.numel() for d, g in loaded.items()} != {d: g.numel() for d, g in self.control.groups.items()}:
+                raise ValueError("SCAFFOLD: the checkpoint's control variates are for another model")
+            return PackedTensors(self.control.specs, loaded)
+        self.control = packed(state["control"])
+        self.client_controls = {int(c): packed(groups) for c, groups in state["client_controls"].items()}
+
+    def client_algorithm(self, args: Namespace) -> ClientAlgorithm:
+        return ScaffoldClient()
+
+
+class ScaffoldClient(ClientAlgorithm):
+    """Adds the server's correction ``c - c_i`` to every trainable parameter's gradient,
+    counts the local steps ``K``, and returns ``c_i+ = (x - y) / (K * lr) - (c - c_i)``
+    (option II). ``lr`` is the local SGD learning rate, ``args.lr``."""
+
+    def __init__(self) -> None:
+        self._hooks: Optional[GradientHooks] = None
+        self._start: Dict[str, torch.Tensor] = {}
+        self._correction: Dict[str, torch.Tensor] = {}
+        self._lr = 0.0
+
+    def before_train(self, model: torch.nn.Module, round_info: ClientRound) -> None:
+        lr = getattr(round_info.args, "lr", None)
+        if not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"SCAFFOLD needs the local learning rate as args.lr (--lr), got {lr!r}")
+        self._lr = float(lr)
+        self._start = cpu_copy(model)
+        missing = sorted(set(self._start) - set(round_info.tensors))
+        if missing:
+            raise ValueError(f"SCAFFOLD: the server sent no control-variate correction for {missing[:5]}")
+        self._correction = {name: round_info.tensors[name] for name in self._start}
+        on_device = DeviceCache(self._correction)
+        self._hooks = GradientHooks(model, lambda name, p, grad: on_device.get(name, grad))
+
+    def after_train(self, model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> ClientReport:
+        self._hooks.remove()
+        steps = self._hooks.steps
+        if steps == 0:
+            raise ValueError("SCAFFOLD: local training took no step (no backward pass)")
+        trained = cpu_copy(model)
+        controls = {name: (self._start[name] - trained[name]) / (steps * self._lr) - self._correction[name] for name in self._start}
+        return ClientReport(tensors=controls, metadata={"local_steps": steps})
