@@ -20,9 +20,13 @@ def federation_args(clients, per_round, rounds, data_path, run_dir, *extra):
         "--data_path", str(data_path), "--run_dir", str(run_dir), *extra])
 
 
-def run_federation(tmp_path, clients=4, per_round=2, rounds=3, test_every=2, extra=(), trainer_factory=TinyTrainer):
+def run_federation(tmp_path, clients=4, per_round=2, rounds=3, test_every=2, extra=(), trainer_factory=TinyTrainer,
+                   strategy_factory=None, **arguments):
     """Run the server and the clients as threads over the in-process transport; returns
-    (data_path, run_dir, {process_id: exception}) once every thread has ended."""
+    (data_path, run_dir, {process_id: exception}) once every thread has ended.
+
+    ``strategy_factory()``: each process's strategy (default: from the arguments);
+    ``arguments``: more attributes of every process's args (e.g. ``lr=0.1``)."""
     data_path, run_dir = tmp_path / "data", tmp_path / "run"
     write_client_data(str(data_path), clients)
     args = federation_args(clients, per_round, rounds, data_path, run_dir, "--frequency_of_the_test", str(test_every), *extra)
@@ -33,9 +37,10 @@ def run_federation(tmp_path, clients=4, per_round=2, rounds=3, test_every=2, ext
 
     def process(pid):
         try:
-            FedML_FedAvg_distributed(pid, clients + 1, torch.device("cpu"), None, models[pid], Namespace(**vars(args)),
+            FedML_FedAvg_distributed(pid, clients + 1, torch.device("cpu"), None, models[pid], Namespace(**vars(args), **arguments),
                                      str(data_path / str(pid) / "train"), str(data_path / str(pid) / "test"),
-                                     WeightedMeanResultAggregator(), trainer_factory(models[pid]), transport=hub.transport(pid))
+                                     WeightedMeanResultAggregator(), trainer_factory(models[pid]), transport=hub.transport(pid),
+                                     strategy=strategy_factory() if strategy_factory is not None else None)
         except BaseException as error:  # reported to the test; a thread cannot raise into pytest
             errors[pid] = error
 
