@@ -57,3 +57,21 @@ def test_updates_lent_in_shared_memory_give_the_same_model_as_updates_sent_as_co
     lenders = (tmp_path / "lent" / "server.log").read_text().count("tensors in its memory from now on")
     assert lenders == CLIENTS
     assert "in its memory" not in (tmp_path / "copied" / "server.log").read_text()
+
+
+def test_mpi_fedadam_equals_fedadam_computed_in_one_process(run_mpi, tmp_path):
+    from test_strategies_protocol import reference_fedadam
+
+    write_client_data(str(tmp_path / "data"), CLIENTS)
+    final, _ = run_tiny(run_mpi, tmp_path / "data", tmp_path / "run", 0, "--federated_optimizer", "FedAdam", "--tau", "1e-3")
+    expected = reference_fedadam(str(tmp_path / "data"), CLIENTS, PER_ROUND, ROUNDS, tau=1e-3)
+    for key, value in expected.items():
+        assert torch.allclose(final[key].double(), value.double(), atol=1e-4), key
+
+
+def test_mpi_scaffold_sends_control_variates_both_ways_and_lends_the_model(run_mpi, tmp_path):
+    write_client_data(str(tmp_path / "data"), CLIENTS)
+    final, records = run_tiny(run_mpi, tmp_path / "data", tmp_path / "run", 0, "--federated_optimizer", "SCAFFOLD", "--lr", "0.1")
+    assert len(records) == ROUNDS and not any("rejected_updates" in r for r in records)
+    assert all(torch.isfinite(t.double()).all() for t in final.values())
+    assert (tmp_path / "run" / "server.log").read_text().count("tensors in its memory from now on") == CLIENTS

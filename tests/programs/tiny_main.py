@@ -29,6 +29,7 @@ if __name__ == "__main__":
     parser.add_argument("--finish_delay", type=float, default=0.0,
                         help="seconds the server sleeps after the last round, before writing its results")
     parser.add_argument("--hidden_units", type=int, default=8, help="the model's hidden layer width (its size: 48 bytes a unit)")
+    parser.add_argument("--lr", type=float, default=0.1, help="TinyTrainer's local learning rate (what SCAFFOLD reads)")
     args = parser.parse_args()
     if args.finish_delay:  # lets tests act after the last round, once the clients are released
         from fedml_api.utils.run_recorder import RunRecorder
