@@ -23,6 +23,12 @@ For reference, FedML's FedAVGAggregator is timed too: per key, ``state[k] * w`` 
 repetition. The framework's result is checked against a float64 reference
 (``allclose``; integer buffers exactly), so a wrong result fails the benchmark.
 
+Then every registered strategy's server step (``configure_round``, ``add`` x K and
+``aggregate``, as one server round runs them) is timed the same way on the same K
+states, interleaved with FedAvg's, and reported as a ratio to FedAvg's median
+(``--strategy-reps`` repetitions each; SCAFFOLD gets per-client control variates,
+FedNova step counts, as their clients send).
+
 The last line is ``aggregation_bandwidth_fraction=<achieved / memcpy>``.
 """
 from __future__ import annotations
@@ -40,7 +46,8 @@ import torch
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from fedml_api.model.ResNet18.resnet import ResNet18  # noqa: E402
-from fedml_core.aggregation import ClientUpdate, FedAvg  # noqa: E402
+from fedml_core.aggregation import ClientUpdate, FedAvg, FederationInfo  # noqa: E402
+from fedml_core.aggregation.registry import REGISTRY, add_optimizer_args  # noqa: E402
 from fedml_core.distributed.communication.packed_tensors import PackedTensors  # noqa: E402
 
 TensorDict = Dict[str, torch.Tensor]
@@ -53,6 +60,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fedml-reps", type=int, default=5, help="timed repetitions of FedML's baseline")
     parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions per case first")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all cores)")
+    parser.add_argument("--strategy-reps", type=int, default=7, help="timed repetitions of each strategy's server step")
+    parser.add_argument("--strategies", type=str, default=None, help="comma-separated names to time (default: all registered)")
     return parser.parse_args()
 
 
@@ -110,6 +119,30 @@ def time_interleaved(cases: Dict[str, Callable[[], object]], reps: Dict[str, int
     return times
 
 
+def strategy_cases(packed: Sequence[PackedTensors], sample_numbers: Sequence[int], global_model: PackedTensors,
+                   trainable: Sequence[str]) -> Dict[str, Callable[[], object]]:
+    """One server round of every registered strategy (defaults, --krum_f 1), as callables."""
+    clients = list(range(1, len(packed) + 1))
+    controls = [PackedTensors.from_tensors({name: p.tensors()[name] for name in trainable}) for p in packed]
+    defaults = add_optimizer_args(argparse.ArgumentParser()).parse_args(["--krum_f", "1"])
+    cases: Dict[str, Callable[[], object]] = {}
+    for name, build in REGISTRY.items():
+        strategy = build(defaults)
+        strategy.setup(global_model, trainable, FederationInfo(len(packed), len(packed)))
+        kept: List[PackedTensors] = []
+
+        def one_round(strategy=strategy, kept=kept) -> None:
+            strategy.configure_round(0, clients, global_model)
+            for client, state, n, control in zip(clients, packed, sample_numbers, controls):
+                extra = control if strategy.expected_client_tensors() else None
+                strategy.add(ClientUpdate(client, state, n, extra, {"local_steps": 3, "a_norm": 3.0}))
+            # Like the server, the previous global model lives on while the next one is computed.
+            kept[:] = kept[-1:] + [strategy.aggregate(global_model, 0)]
+
+        cases[name] = one_round
+    return cases
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -158,6 +191,17 @@ def main() -> None:
     print(f"memcpy reference: {memcpy_name} at {memcpy_bandwidth / 1e9:.2f} GB/s (bytes copied / time)")
     print("framework result matches the float64 reference (allclose rtol=1e-5, integers exact)")
     print(f"framework vs FedML baseline: {median['FedML baseline (per key)'] / median['framework FedAvg (packed)']:.1f}x faster")
+    trainable = [name for name, _ in ResNet18(num_classes=10, in_channels=3, width=64).named_parameters()]
+    cases = strategy_cases(packed, sample_numbers, global_model, trainable)
+    if args.strategies:
+        cases = {name: cases[name] for name in ["FedAvg", *args.strategies.split(",")]}
+    times = time_interleaved(cases, {name: args.strategy_reps for name in cases}, warmup=1)
+    fedavg = statistics.median(times["FedAvg"])
+    print()
+    print(f"server step of each strategy, K={args.clients} updates ({args.strategy_reps} reps, interleaved)")
+    print(f"{'strategy':16s} {'median ms':>10s} {'min ms':>10s} {'x FedAvg':>9s}")
+    for name, t in times.items():
+        print(f"{name:16s} {statistics.median(t) * 1e3:10.2f} {min(t) * 1e3:10.2f} {statistics.median(t) / fedavg:9.2f}")
     print()
     print(f"aggregation_bandwidth_fraction={achieved / memcpy_bandwidth:.3f}")
 

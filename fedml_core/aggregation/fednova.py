@@ -9,18 +9,10 @@ from typing import Dict, Optional
 import torch
 
 from ..distributed.communication.packed_tensors import PackedTensors
-from .local_training import GradientHooks
+from .local_training import GradientHooks, momentum_a_norm
 from .server_optimizer import ServerOptimizer, StateSlices, global_step
 from .strategy import ClientAlgorithm, ClientReport, ClientRound, ClientUpdate
 from .validation import InvalidUpdate
-
-
-def momentum_a_norm(steps: int, momentum: float) -> float:
-    """``||a_i||_1`` of ``steps`` local SGD steps with heavy-ball ``momentum`` (the
-    paper's section 5): ``steps`` without momentum."""
-    if momentum == 0:
-        return float(steps)
-    return (steps - momentum * (1 - momentum ** steps) / (1 - momentum)) / (1 - momentum)
 
 
 class FedNova(ServerOptimizer):
@@ -64,8 +56,9 @@ class FedNova(ServerOptimizer):
             self._work = {}
 
     def step(self, mean: torch.Tensor, x: torch.Tensor, old: StateSlices, new: StateSlices) -> None:
-        # Over the updates not rejected (the pass runs again without any that held NaN).
-        used = [work for client, work in self._work.items() if client not in self._accumulator.rejected]
+        # Over the updates not rejected (the pass runs again without any that held NaN), in
+        # client order (float sums in arrival order would differ from run to run).
+        used = [work for client, work in sorted(self._work.items()) if client not in self._accumulator.rejected]
         total = sum(n for n, _ in used)
         tau_eff = sum(n / total * a for n, a in used)
         s = sum(n / total / a for n, a in used)

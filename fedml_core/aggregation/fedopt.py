@@ -47,7 +47,7 @@ class FedOpt(ServerOptimizer):
         raise NotImplementedError
 
     def step(self, mean: torch.Tensor, x: torch.Tensor, old: StateSlices, new: StateSlices) -> None:
-        delta = torch.sub(mean, x)
+        delta = torch.sub(mean, x, out=self.scratch(0, mean))
         m = torch.lerp(old["m"], delta, 1 - self.beta1, out=new["m"])
         v = self.second_moment(old["v"], delta.mul_(delta), out=new["v"])
         denominator = torch.sqrt(v, out=delta).add_(self.tau)

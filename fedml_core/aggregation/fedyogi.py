@@ -22,5 +22,5 @@ class FedYogi(FedOpt):
         super().__init__(server_lr, beta1, beta2, tau, max_buffered_updates)
 
     def second_moment(self, v: torch.Tensor, delta_squared: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        sign = torch.sub(v, delta_squared).sign_()
+        sign = torch.sub(v, delta_squared, out=self.scratch(1, v)).sign_()
         return torch.addcmul(v, delta_squared, sign, value=-(1 - self.beta2), out=out)

@@ -9,6 +9,15 @@ import torch
 Correction = Callable[[str, torch.nn.Parameter, torch.Tensor], Optional[torch.Tensor]]
 
 
+def momentum_a_norm(steps: int, momentum: float) -> float:
+    """How many plain SGD steps ``steps`` steps of heavy-ball ``momentum`` amount to:
+    the sum over the gradients of each one's total weight in the final displacement,
+    ``||a||_1`` of FedNova (Wang et al., 2020, section 5); ``steps`` without momentum."""
+    if momentum == 0:
+        return float(steps)
+    return (steps - momentum * (1 - momentum ** steps) / (1 - momentum)) / (1 - momentum)
+
+
 def trainable_parameters(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter]]:
     """``(name, parameter)`` of the parameters local training updates."""
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]

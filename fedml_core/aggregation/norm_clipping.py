@@ -83,7 +83,7 @@ class NormClipping(ServerOptimizer):
         return sum(w * s for w, s in used) / sum(w for w, _ in used)
 
     def step(self, mean: torch.Tensor, x: torch.Tensor, old: StateSlices, new: StateSlices) -> None:
-        used = [ws for client, ws in self._scales.items() if client not in self._accumulator.rejected]
+        used = [ws for client, ws in sorted(self._scales.items()) if client not in self._accumulator.rejected]  # client order
         global_step(mean, x, self.rate(used))
 
     def aggregate(self, global_model: PackedTensors, round_idx: int = 0) -> PackedTensors:

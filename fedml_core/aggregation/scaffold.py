@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from ..distributed.communication.packed_tensors import PackedTensors, dtype_from_name, dtype_name, plan_layout
-from .local_training import DeviceCache, GradientHooks, cpu_copy
+from .local_training import DeviceCache, GradientHooks, cpu_copy, momentum_a_norm
 from .server_optimizer import ServerOptimizer, StateSlices, global_step
 from .strategy import ClientAlgorithm, ClientInstructions, ClientReport, ClientRound, ClientUpdate, FederationInfo, TensorEntry
 from .validation import InvalidUpdate
@@ -22,7 +22,7 @@ class SCAFFOLD(ServerOptimizer):
     trainable parameters. Each sampled client gets ``c - c_i`` and trains with that
     correction added to every gradient; it returns its model ``y_i`` and, by option II,
     ``c_i+ = c_i - c + (x - y_i) / (K * lr)`` (``K`` local steps of learning rate
-    ``lr``). Then, with ``S`` the round's clients and ``N`` all clients::
+    ``lr``; see :class:`ScaffoldClient`). Then, with ``S`` the round's clients and ``N`` all clients::
 
         x   <- x + server_lr * (1/|S|) * sum_i (y_i - x)      (uniform, as in the paper)
         c   <- c + (1/N) * sum_i (c_i+ - c_i)
@@ -78,7 +78,7 @@ class SCAFFOLD(ServerOptimizer):
 
     def add(self, update: ClientUpdate) -> None:
         super().add(update)
-        # Received memory that the transport recycles: keep a copy.
+        # Kept for good: copied, so as not to hold the transport's receive buffers.
         self._returned[update.client_id] = PackedTensors(update.tensors.specs, {d: g.clone() for d, g in update.tensors.groups.items()})
 
     def step(self, mean: torch.Tensor, x: torch.Tensor, old: StateSlices, new: StateSlices) -> None:
@@ -88,12 +88,14 @@ class SCAFFOLD(ServerOptimizer):
         returned, self._returned = self._returned, {}
         result = super().aggregate(global_model, round_idx)
         used = {client: c for client, c in returned.items() if client not in self.rejected_updates()}
-        zero = self._zeros()
         groups = {}
         for dtype, c in self.control.groups.items():
-            drift = sum((new.groups[dtype] - self.client_controls.get(client, zero).groups[dtype] for client, new in used.items()),
-                        torch.zeros_like(c))
-            groups[dtype] = c + drift / self.federation.num_clients  # a new tensor: the checkpoint may be writing c
+            drift = torch.zeros_like(c)
+            for client, new in sorted(used.items()):  # in client order: bit-reproducible
+                drift += new.groups[dtype]
+                if client in self.client_controls:
+                    drift -= self.client_controls[client].groups[dtype]
+            groups[dtype] = drift.div_(self.federation.num_clients).add_(c)  # new memory: the checkpoint may be writing c
         self.control = PackedTensors(self.control.specs, groups)
         self.client_controls.update(used)
         return result
@@ -119,19 +121,22 @@ class SCAFFOLD(ServerOptimizer):
 class ScaffoldClient(ClientAlgorithm):
     """Adds the server's correction ``c - c_i`` to every trainable parameter's gradient,
     counts the local steps ``K``, and returns ``c_i+ = (x - y) / (K * lr) - (c - c_i)``
-    (option II). ``lr`` is the local SGD learning rate, ``args.lr``."""
+    (option II).
+
+    ``lr`` is the local learning rate of the round: ``args.round_lr`` when the trainer
+    sets it (a trainer with a learning-rate schedule does), else ``args.lr``. With
+    heavy-ball momentum ``args.momentum``, ``K`` counts as the plain-SGD steps the
+    momentum steps amount to (FedNova's ``||a||_1``); weight decay is not accounted for.
+    """
 
     def __init__(self) -> None:
         self._hooks: Optional[GradientHooks] = None
         self._start: Dict[str, torch.Tensor] = {}
         self._correction: Dict[str, torch.Tensor] = {}
-        self._lr = 0.0
+        self._args: Optional[Namespace] = None
 
     def before_train(self, model: torch.nn.Module, round_info: ClientRound) -> None:
-        lr = getattr(round_info.args, "lr", None)
-        if not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"SCAFFOLD needs the local learning rate as args.lr (--lr), got {lr!r}")
-        self._lr = float(lr)
+        self._args = round_info.args
         self._start = cpu_copy(model)
         missing = sorted(set(self._start) - set(round_info.tensors))
         if missing:
@@ -145,6 +150,10 @@ class ScaffoldClient(ClientAlgorithm):
         steps = self._hooks.steps
         if steps == 0:
             raise ValueError("SCAFFOLD: local training took no step (no backward pass)")
+        lr = getattr(self._args, "round_lr", None) or getattr(self._args, "lr", None)
+        if not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"SCAFFOLD needs the local learning rate as args.lr (--lr) or args.round_lr, got {lr!r}")
+        work = momentum_a_norm(steps, float(getattr(self._args, "momentum", 0.0) or 0.0)) * lr
         trained = cpu_copy(model)
-        controls = {name: (self._start[name] - trained[name]) / (steps * self._lr) - self._correction[name] for name in self._start}
+        controls = {name: (self._start[name] - trained[name]) / work - self._correction[name] for name in self._start}
         return ClientReport(tensors=controls, metadata={"local_steps": steps})

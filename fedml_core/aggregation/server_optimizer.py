@@ -13,12 +13,13 @@ Buffers (BatchNorm statistics, counters) take the weighted mean, as in FedAvg.
 from __future__ import annotations
 
 import bisect
+import threading
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from ..distributed.communication.packed_tensors import BufferPool, PackedTensors, dtype_from_name, dtype_name
-from .fedavg import WeightedMeanAccumulator, _accumulator_dtype
+from .fedavg import BLOCK_ELEMENTS, WeightedMeanAccumulator, _accumulator_dtype
 from .strategy import AggregationStrategy, ClientUpdate, FederationInfo
 
 Run = Tuple[int, int, int]  # offset in the model's dtype buffer, offset in the state vector, length
@@ -48,6 +49,7 @@ class ServerOptimizer(AggregationStrategy):
         # checkpoint thread may still be writing the previous ones).
         self._pool = BufferPool(max_buffers=4 * max(1, len(self.state_names)) * 4)
         self._x: Optional[PackedTensors] = None
+        self._scratch = threading.local()
         self.federation: Optional[FederationInfo] = None
 
     # -- what subclasses define -----------------------------------------------------
@@ -68,6 +70,18 @@ class ServerOptimizer(AggregationStrategy):
         length, a piece of one cache-sized block; ``mean`` and the state vectors are
         float32 (float64 for float64 models), ``x`` has the model's dtype."""
         raise NotImplementedError
+
+    def scratch(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        """Temporary number ``index`` for :meth:`step`, shaped like ``like``: memory of
+        the calling thread, reused block after block (a fresh block-sized temporary
+        would page-fault on every block)."""
+        buffers = getattr(self._scratch, "buffers", None)
+        if buffers is None:
+            buffers = self._scratch.buffers = {}
+        buffer = buffers.get((index, like.dtype))
+        if buffer is None or buffer.numel() < like.numel():
+            buffer = buffers[(index, like.dtype)] = torch.empty(max(like.numel(), BLOCK_ELEMENTS), dtype=like.dtype)
+        return buffer[:like.numel()]
 
     def updated_names(self, global_model: PackedTensors, trainable: Sequence[str]) -> List[str]:
         """The tensors :meth:`step` applies to (default: the trainable floating-point ones)."""

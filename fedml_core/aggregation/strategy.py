@@ -35,8 +35,9 @@ class ClientUpdate:
     memory, on the server's host). It is valid until the server next sends that client
     a message, which it does only after :meth:`AggregationStrategy.aggregate` returned:
     a strategy must not keep ``params`` (or views of it) beyond ``aggregate``; copy
-    what it needs later (``tensors`` is received memory, but copy it too if you keep it
-    past the round: the transport recycles receive buffers nobody references).
+    what it needs later. ``tensors`` is received memory, which nothing else writes
+    (the transport recycles only receive buffers that nothing references); a strategy
+    that keeps it for many rounds copies it, to leave the transport its buffers.
 
     Attributes:
         client_id: the client's process id (1..CLIENT_NUM).

@@ -109,6 +109,7 @@ class ResNet18Trainer(ModelTrainer):
         lr = learning_rate_for_round(
             args.lr, args.lr_schedule, getattr(args, "round_idx", 0), args.comm_round
         )
+        args.round_lr = lr  # the rate of this round, for algorithms that need it (SCAFFOLD)
         # channels_last: about 1.3x faster convolutions on CPUs and tensor-core GPUs.
         model = self.model.to(device, memory_format=torch.channels_last)
         model.train()
