@@ -22,6 +22,9 @@ from ..distributed.communication.packed_tensors import BufferPool, PackedTensors
 from .fedavg import BLOCK_ELEMENTS, WeightedMeanAccumulator, _accumulator_dtype
 from .strategy import AggregationStrategy, ClientUpdate, FederationInfo
 
+# Elements of one step() call: 64 Ki float32 = 256 KiB per array (about six arrays live).
+STEP_ELEMENTS = 1 << 16
+
 Run = Tuple[int, int, int]  # offset in the model's dtype buffer, offset in the state vector, length
 StateSlices = Dict[str, torch.Tensor]
 
@@ -133,13 +136,14 @@ class ServerOptimizer(AggregationStrategy):
         for offset, state_offset, length in runs[first:]:
             if offset >= end:
                 break
-            lo, hi = max(offset, start), min(offset + length, end)
-            if lo >= hi:
-                continue
-            at = state_offset + lo - offset
-            self.step(block[lo - start:hi - start], x[lo:hi],
-                      {name: vectors[dtype][at:at + hi - lo] for name, vectors in self._state.items()},
-                      {name: vectors[dtype][at:at + hi - lo] for name, vectors in self._next.items()})
+            # In pieces small enough that the step's inputs, outputs and temporaries
+            # stay in the core's own cache together.
+            for lo in range(max(offset, start), min(offset + length, end), STEP_ELEMENTS):
+                hi = min(lo + STEP_ELEMENTS, offset + length, end)
+                at = state_offset + lo - offset
+                self.step(block[lo - start:hi - start], x[lo:hi],
+                          {name: vectors[dtype][at:at + hi - lo] for name, vectors in self._state.items()},
+                          {name: vectors[dtype][at:at + hi - lo] for name, vectors in self._next.items()})
 
     def state_dict(self) -> Dict[str, Any]:
         return {"state": {name: {dtype_name(dtype): v for dtype, v in vectors.items()} for name, vectors in self._state.items()}}
