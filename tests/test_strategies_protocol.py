@@ -268,3 +268,28 @@ def test_krum_leaves_out_a_scaling_attacker_that_fedavg_lets_through(tmp_path):
     _, attacked_dir, _ = run_federation(tmp_path / "fedavg", clients=5, per_round=5, rounds=2, extra=attack)
     clean, krum, attacked = (torch.load(d / "final_model.pt")["0.weight"] for d in (clean_dir, krum_dir, attacked_dir))
     assert (krum - clean).norm() < (attacked - clean).norm() / 5
+
+
+class FailingOnce(TinyTrainer):
+    failed = False
+
+    def train(self, device, args, train_path):
+        if not FailingOnce.failed:
+            FailingOnce.failed = True
+            raise RuntimeError("user code failed")
+        super().train(device, args, train_path)
+
+
+def test_a_round_whose_training_raised_leaves_no_hook_behind_for_the_next(tmp_path):
+    FailingOnce.failed = False
+    prox = FedProxClient()
+    write_client_data(str(tmp_path), 1)
+    model = make_model()
+    trainer = FedAVGTrainer(1, str(tmp_path / "1" / "train"), str(tmp_path / "1" / "test"), torch.device("cpu"),
+                            Namespace(), FailingOnce(model), [prox])
+    with pytest.raises(RuntimeError, match="user code failed"):
+        trainer.train(0, {"mu": 0.5})
+    trainer.train(1, {"mu": 0.5})
+    expected = reference_local_training(
+        tmp_path, extra_loss=lambda m: 0.25 * sum(((p - w0) ** 2).sum() for p, w0 in zip(m.parameters(), make_model().parameters())))
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model.parameters(), expected.parameters()))

@@ -9,7 +9,7 @@ from typing import Dict, Optional
 import torch
 
 from ..distributed.communication.packed_tensors import PackedTensors
-from .local_training import GradientHooks, momentum_a_norm
+from .local_training import GradientHooks, momentum_a_norm, replace_hooks
 from .server_optimizer import ServerOptimizer, StateSlices, global_step
 from .strategy import ClientAlgorithm, ClientReport, ClientRound, ClientUpdate
 from .validation import InvalidUpdate
@@ -78,7 +78,7 @@ class FedNovaClient(ClientAlgorithm):
 
     def before_train(self, model: torch.nn.Module, round_info: ClientRound) -> None:
         self._momentum = float(getattr(round_info.args, "momentum", 0.0) or 0.0)
-        self._hooks = GradientHooks(model, lambda name, p, grad: None)
+        self._hooks = replace_hooks(self._hooks, model, lambda name, p, grad: None)
 
     def after_train(self, model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> ClientReport:
         self._hooks.remove()

@@ -8,7 +8,7 @@ import torch
 
 from ..distributed.communication.packed_tensors import PackedTensors
 from .fedavg import FedAvg
-from .local_training import DeviceCache, GradientHooks, cpu_copy, trainable_parameters
+from .local_training import DeviceCache, GradientHooks, cpu_copy, replace_hooks, trainable_parameters
 from .strategy import ClientAlgorithm, ClientInstructions, ClientReport, ClientRound
 
 
@@ -54,7 +54,7 @@ class FedProxClient(ClientAlgorithm):
         self.mu = float(round_info.config["mu"])
         self.global_params = cpu_copy(model)
         on_device = DeviceCache(self.global_params)
-        self._hooks = GradientHooks(model, lambda name, p, grad: self.mu * (p.detach() - on_device.get(name, p)))
+        self._hooks = replace_hooks(self._hooks, model, lambda name, p, grad: self.mu * (p.detach() - on_device.get(name, p)))
 
     def proximal_term(self, model: torch.nn.Module) -> float:
         """``mu / 2 * ||w - w_global||^2`` for the model's current parameters."""

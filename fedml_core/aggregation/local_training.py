@@ -34,7 +34,8 @@ class GradientHooks:
     parameter of ``model`` in each backward pass of the user's training loop, and counts
     those passes (:attr:`steps`: local SGD steps, for a loop with one backward per step).
 
-    The parameters' identity survives ``model.to(device)``, so the hooks do too.
+    The parameters' identity survives ``model.to(device)``, so the hooks do too. Use
+    :func:`replace_hooks`, so that hooks a failed round left are removed first.
     """
 
     def __init__(self, model: torch.nn.Module, correction: Correction) -> None:
@@ -58,6 +59,14 @@ class GradientHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def replace_hooks(previous: Optional[GradientHooks], model: torch.nn.Module, correction: Correction) -> GradientHooks:
+    """New :class:`GradientHooks` on ``model``, after removing ``previous`` (a round
+    whose training raised never reached the part's ``after_train``)."""
+    if previous is not None:
+        previous.remove()
+    return GradientHooks(model, correction)
 
 
 class DeviceCache:

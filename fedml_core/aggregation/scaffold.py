@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from ..distributed.communication.packed_tensors import PackedTensors, dtype_from_name, dtype_name, plan_layout
-from .local_training import DeviceCache, GradientHooks, cpu_copy, momentum_a_norm
+from .local_training import DeviceCache, GradientHooks, cpu_copy, momentum_a_norm, replace_hooks
 from .server_optimizer import ServerOptimizer, StateSlices, global_step
 from .strategy import ClientAlgorithm, ClientInstructions, ClientReport, ClientRound, ClientUpdate, FederationInfo, TensorEntry
 from .validation import InvalidUpdate
@@ -143,7 +143,7 @@ class ScaffoldClient(ClientAlgorithm):
             raise ValueError(f"SCAFFOLD: the server sent no control-variate correction for {missing[:5]}")
         self._correction = {name: round_info.tensors[name] for name in self._start}
         on_device = DeviceCache(self._correction)
-        self._hooks = GradientHooks(model, lambda name, p, grad: on_device.get(name, grad))
+        self._hooks = replace_hooks(self._hooks, model, lambda name, p, grad: on_device.get(name, grad))
 
     def after_train(self, model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> ClientReport:
         self._hooks.remove()

@@ -49,8 +49,9 @@ class ServerOptimizer(AggregationStrategy):
         self._state: Dict[str, Dict[torch.dtype, torch.Tensor]] = {}
         self._next: Dict[str, Dict[torch.dtype, torch.Tensor]] = {}
         # A round's new state is built in buffers nobody references any more (the
-        # checkpoint thread may still be writing the previous ones).
-        self._pool = BufferPool(max_buffers=4 * max(1, len(self.state_names)) * 4)
+        # checkpoint thread may still be writing the previous ones): per state vector and
+        # dtype, the current, the next, one being written and a spare.
+        self._pool = BufferPool(max_buffers=4 * len(self.state_names) * 4 or 1)
         self._x: Optional[PackedTensors] = None
         self._scratch = threading.local()
         self.federation: Optional[FederationInfo] = None

@@ -256,7 +256,7 @@ class FedAVGServerManager(ServerManager):
         extras = [tensors_message(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.rank, c, self.round_idx, instructions[c].tensors)
                   for c in clients if c in instructions and instructions[c].tensors]
         for client_id, error in self.transport.send_many(extras, timeout=self.round_timeout).items():
-            self._client_failed(client_id, "its process died" if isinstance(error, PeerFailure) else f"could not be sent the model: {error}")
+            self._client_failed(client_id, "its process died" if isinstance(error, PeerFailure) else f"could not be sent the round's tensors: {error}")
         messages = []
         for client_id in clients:
             if client_id in self.failed:
