@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping
 
-import dp_accounting
 import torch
 
 from ..distributed.communication.packed_tensors import PackedTensors
@@ -20,6 +19,8 @@ def dp_epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta
     """Epsilon at ``delta`` after ``rounds`` Gaussian releases of noise multiplier
     ``noise_multiplier``, each over clients sampled at rate ``sampling_rate`` (accounted
     as Poisson sampling, as in McMahan et al.), by ``dp_accounting``'s RDP accountant."""
+    import dp_accounting  # here: it loads scipy, which a run without DP need not wait for
+
     event = dp_accounting.GaussianDpEvent(noise_multiplier)
     if sampling_rate < 1:
         event = dp_accounting.PoissonSampledDpEvent(sampling_rate, event)

@@ -21,9 +21,10 @@ def update_norm(params: PackedTensors, global_model: PackedTensors) -> float:
         if not dtype.is_floating_point:
             continue
         x = global_model.groups[dtype]
+        scratch = torch.empty(min(BLOCK_ELEMENTS, group.numel()), dtype=torch.promote_types(dtype, torch.float32))
         for start in range(0, group.numel(), BLOCK_ELEMENTS):
             length = min(BLOCK_ELEMENTS, group.numel() - start)
-            delta = group.narrow(0, start, length).float() - x.narrow(0, start, length)
+            delta = torch.sub(group.narrow(0, start, length), x.narrow(0, start, length), out=scratch[:length])
             total += float(torch.dot(delta, delta))
     return math.sqrt(total) if math.isfinite(total) else math.nan
 
