@@ -293,3 +293,15 @@ def test_a_round_whose_training_raised_leaves_no_hook_behind_for_the_next(tmp_pa
     expected = reference_local_training(
         tmp_path, extra_loss=lambda m: 0.25 * sum(((p - w0) ** 2).sum() for p, w0 in zip(m.parameters(), make_model().parameters())))
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model.parameters(), expected.parameters()))
+
+
+def test_metadata_that_is_not_a_json_object_is_rejected_like_a_bad_tensor(tmp_path):
+    from fedml_api.distributed.fedavg.FedAVGAggregator import FedAVGAggregator
+    from fedml_core.aggregation import InvalidUpdate
+    from fedml_core.distributed.communication.packed_tensors import PackedTensors
+    from fedml_core.trainer.result_aggregator import WeightedMeanResultAggregator
+
+    args = Namespace(client_num_in_total=2, client_num_per_round=2, seed=0)
+    aggregator = FedAVGAggregator(TinyTrainer(make_model()), WeightedMeanResultAggregator(), args)
+    with pytest.raises(InvalidUpdate, match="metadata must be a JSON object, got int"):
+        aggregator.add_local_trained_result(1, PackedTensors.from_tensors(make_model().state_dict()), 5, None, 5)

@@ -72,6 +72,8 @@ class FedAVGAggregator:
         """Hand one update to the strategy after checking its extra tensors (the ones
         the strategy expects: names, order, dtypes, shapes; finite) and its metadata.
         Raises :class:`InvalidUpdate` naming what is wrong."""
+        if metadata is not None and not isinstance(metadata, dict):
+            raise InvalidUpdate(f"the update's metadata must be a JSON object, got {type(metadata).__name__}")
         update = ClientUpdate(client_id, params, sample_number, tensors, dict(metadata or {}))
         expected = [(name, dtype, tuple(shape)) for name, dtype, shape in self.strategy.expected_client_tensors()]
         got = list(tensors.layout_key()) if tensors is not None else []
