@@ -237,7 +237,7 @@ def test_a_client_sends_numpy_parameters_as_tensors_and_gets_the_global_model_ba
     trainer.container = container
     client = FedAVGTrainer(1, str(tmp_path / "1" / "train"), str(tmp_path / "1" / "test"), torch.device("cpu"),
                            Namespace(seed=0), trainer)
-    params, _, _ = client.train(0)
+    params, _, _, _ = client.train(0)
     assert all(isinstance(t, torch.Tensor) for t in params.values())
     client.update_model(params)
     assert isinstance(trainer.received, list if container is list else dict)
