@@ -62,6 +62,8 @@ class FedAVGClientManager(ClientManager):
 
     def run(self) -> None:
         # The trainer has loaded this client's data: tell the server we can take work.
+        logging.info("client %d: ready: %d training and %d test samples", self.rank,
+                     self.trainer.train_sample_number, self.trainer.test_sample_number)
         self.send_message(Message(MyMessage.MSG_TYPE_C2S_CLIENT_READY, self.rank, 0))
         super().run()
 

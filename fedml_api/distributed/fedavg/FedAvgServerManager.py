@@ -277,6 +277,10 @@ class FedAVGServerManager(ServerManager):
             return
         phase, self._phase, self.deadline = self._phase, "idle", None
         if phase == "startup":
+            ready = len(self.available_clients())
+            logging.info("server: %s clients ready %.2f s after the server started; round %d starts",
+                         f"all {ready}" if ready == len(self.clients) else f"{ready} of {len(self.clients)}",
+                         time.perf_counter() - self._run_start, self.round_idx + 1)
             self._start_round()
         elif phase == "train":
             self._end_training_phase()
