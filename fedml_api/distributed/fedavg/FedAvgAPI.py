@@ -1,6 +1,8 @@
 """Entry points of distributed FedAvg: what a ``main_fedavg.py`` calls."""
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import time
 from argparse import Namespace
@@ -40,6 +42,11 @@ def FedML_init() -> Tuple["MPI.Comm", int, int]:
     """
     from mpi4py import MPI
 
+    # At exit, after the exit handlers registered later (the run's, wandb's: they see
+    # the heap as usual), the objects left are frozen: the interpreter's teardown then
+    # skips garbage-collecting torch's objects, which takes ~1 s per process while the
+    # other ranks wait in MPI_Finalize (mpi4py finalizes MPI after the teardown).
+    atexit.register(gc.freeze)
     comm = MPI.COMM_WORLD
     preflight = preflight_process_num()
     if preflight is not None:
