@@ -202,6 +202,10 @@ while kill -0 "$MPIRUN_PID" 2>/dev/null; do
 done
 MPI_STATUS=0
 wait "$MPIRUN_PID" || MPI_STATUS=$?
+if [ "$SERVER_DIED" = yes ] && [ "$STOPPED" = no ]; then
+    # The clients noticed and the job ended by itself: the reason is still the server's death.
+    echo "launcher: the server (process 0) died without reporting an exit status" >&2
+fi
 stop_job KILL  # whatever is left of the job on this machine
 rm -f "$STATUS_FILE.server"
 if [ -n "$INTERRUPTED" ]; then
