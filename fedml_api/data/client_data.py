@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Tuple, Union
 
-import h5py
 import numpy as np
 import torch
 
@@ -78,6 +77,7 @@ def write_client_split(
     # Written under a temporary name and renamed, so an interrupted split never leaves a
     # truncated data.h5 that a client would later try to read.
     partial = path.with_name(DATA_FILE + ".partial")
+    h5py = _h5py()
     with h5py.File(partial, "w") as file:
         file.create_dataset("images", data=np.ascontiguousarray(images))
         file.create_dataset("labels", data=labels.astype(np.int64))
@@ -104,6 +104,7 @@ def load_client_split(directory: PathLike) -> ClientSplit:
     cached = _CACHE.get(key)
     if cached is not None and cached[0] == signature:
         return cached[1]
+    h5py = _h5py()
     with h5py.File(path, "r") as file:
         try:
             images = file["images"][()]
@@ -133,10 +134,19 @@ def load_client_split(directory: PathLike) -> ClientSplit:
 def count_client_samples(directory: PathLike) -> int:
     """Number of samples in ``<directory>/data.h5``, read from its attribute (no image I/O)."""
     path = _data_file(directory)
+    h5py = _h5py()
     with h5py.File(path, "r") as file:
         if "num_samples" not in file.attrs:
             raise ValueError(f"{path} has no 'num_samples' attribute; {_HOW_TO_CREATE}")
         return int(file.attrs["num_samples"])
+
+
+def _h5py():
+    """h5py, imported on first use (0.2 s): the server and the launcher's pre-flight
+    check import this module but never read data."""
+    import h5py
+
+    return h5py
 
 
 def _data_file(directory: PathLike) -> Path:
