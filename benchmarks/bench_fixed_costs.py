@@ -18,7 +18,8 @@ and reads a timeline of every run from:
 For the ratio, ``python -c "import torch"`` is timed once per rank (CLIENT_NUM + 1
 processes) the same way, through the same shim: one after another (the sum) and all at
 once (the wall time). Runs alternate: per repeat, the import baselines, then one run of
-each ``--root`` (several roots compare checkouts, e.g. before and after a change).
+each ``--root`` (several roots compare checkouts, e.g. before and after a change), in
+reverse order every other repeat.
 
 Prints one breakdown per root (median and range over the repeats) and, for the first
 root, ``startup_ratio=`` (command to the start of round 1, the second round, over the
@@ -231,7 +232,8 @@ def main() -> None:
         baselines.append(import_torch_baseline(shims, work, args.clients + 1))
         line = [f"repeat {repeat + 1}: load {load:.2f}; import torch x{args.clients + 1}: serial {baselines[-1]['import_serial']:.2f} s, "
                 f"parallel {baselines[-1]['import_parallel']:.2f} s"]
-        for root in roots:
+        # Alternating order: a load that rises or falls during a repeat favours no root.
+        for root in (roots if repeat % 2 == 0 else roots[::-1]):
             parts = breakdown(run_once(root, shims, work, data, args.clients, args.rounds, extra), args.clients, args.rounds)
             results[root].append(parts)
             line.append(f"{os.path.basename(root)}: round 1 at {parts[TO_ROUND1]:.2f} s, exit {parts[EXIT_AFTER]:.2f} s after the last round")
