@@ -404,7 +404,7 @@ def test_split_script_writes_every_client_of_digits_from_any_directory(tmp_path)
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": ""},
-        timeout=120,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert "train samples of class 0..9" in result.stdout

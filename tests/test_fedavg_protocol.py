@@ -48,7 +48,7 @@ def run_federation(tmp_path, clients=4, per_round=2, rounds=3, test_every=2, ext
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=600)
     assert not any(t.is_alive() for t in threads), "a process did not finish"
     return data_path, run_dir, errors
 

@@ -101,7 +101,7 @@ def test_a_signal_to_the_launcher_stops_the_whole_job(experiment, tmp_path, sig,
     job = launch(experiment, 3, 3, 50, tmp_path / "run", "--train_delay", "0.5", background=True)
     wait_for_rounds(job, tmp_path / "run", 1)
     job.send_signal(sig)
-    output, _ = job.communicate(timeout=120)
+    output, _ = job.communicate(timeout=600)
     assert job.returncode == status, output[-3000:]
     assert "launcher: interrupted; stopping the job" in output
     assert len(records(tmp_path / "run")) < 50

@@ -10,7 +10,7 @@ from conftest import REPO_ROOT, assert_no_leftovers, mpi_env, mpirun_path
 EXPERIMENTS = REPO_ROOT / "fedml_experiments" / "distributed"
 
 
-def launch(*args: str, experiment: str = "fedResNet18", timeout: float = 300) -> subprocess.CompletedProcess:
+def launch(*args: str, experiment: str = "fedResNet18", timeout: float = 900) -> subprocess.CompletedProcess:
     env = mpi_env()
     env["PYTHON"] = sys.executable
     script = str(EXPERIMENTS / experiment / "run_fedavg_distributed_pytorch.sh")
@@ -71,7 +71,7 @@ def test_relative_paths_are_taken_from_where_the_script_is_run(digits_split, tmp
     env["PYTHON"] = sys.executable
     script = str(EXPERIMENTS / "fedMyModel" / "run_fedavg_distributed_pytorch.sh")
     result = subprocess.run(["sh", script, "2", "2", "1", "--data_path", "data", "--run_dir", "run", "--wandb_mode", "disabled"],
-                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert (tmp_path / "run" / "metrics.jsonl").exists()
 

@@ -52,7 +52,7 @@ def test_fedyolov3_runs_on_coco128_over_two_clients_and_logs_detection_metrics(c
     result = subprocess.run(
         ["sh", str(RUN_SCRIPT), "2", "2", "1", "--data_path", str(coco_split), "--run_dir", str(run_dir),
          "--model_def", "yolov3-tiny.cfg", "--img_size", "64", "--batch_size", "4", "--wandb_mode", "disabled"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=900,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
@@ -78,7 +78,7 @@ def test_a_bad_model_argument_stops_every_process_with_a_usage_error_naming_it(c
     result = subprocess.run(
         ["sh", str(RUN_SCRIPT), "2", "2", "1", "--data_path", str(coco_split), "--run_dir", str(tmp_path / "run"),
          "--conf_thres", "2", "--wandb_mode", "disabled"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=900,
     )
     output = result.stdout + result.stderr
     assert result.returncode != 0
