@@ -9,6 +9,7 @@ import pickle
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 from types import ModuleType
@@ -17,12 +18,21 @@ from typing import Dict, List, Tuple
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fedml_api.data.cifar10 import CIFAR10_CLASSES, load_cifar10
-from fedml_api.data.client_data import count_client_samples, load_client_split, write_client_split
+from fedml_api.data.client_data import (
+    cache_info,
+    clear_cache,
+    count_client_samples,
+    load_client_split,
+    set_cache_budget,
+    write_client_split,
+)
 from fedml_api.data.datasets import IMAGE_DATASETS, get_image_dataset_spec
 from fedml_api.data.digits import load_digits_dataset
+from fedml_api.data.memory_cache import MemoryBudgetLRU
 from fedml_api.data.partition import partition_dirichlet, partition_iid
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -202,6 +212,196 @@ def test_write_client_split_rejects_non_uint8_images(tmp_path):
         write_client_split(
             tmp_path, np.zeros((2, 8, 8, 1), dtype=np.float32), np.array([0, 1]), "digits"
         )
+
+
+# --- the client-data cache: LRU within a memory budget ---------------------------------------
+
+
+@pytest.fixture
+def fresh_cache():
+    """An empty, unbounded cache with zeroed counters, and the default restored after."""
+    clear_cache()
+    set_cache_budget(None)
+    yield
+    clear_cache()
+    set_cache_budget(None)
+
+
+def _client(root: Path, name: str, num_samples: int, fill: int = 0) -> Path:
+    """A digits-shaped split of ``num_samples`` images: ``num_samples * (64 + 8)`` bytes
+    in memory (8x8x1 uint8 images, int64 labels)."""
+    images = np.full((num_samples, 8, 8, 1), fill, dtype=np.uint8)
+    write_client_split(root / name, images, np.arange(num_samples) % 10, "digits")
+    return root / name
+
+
+def _nbytes(num_samples: int) -> int:
+    return num_samples * (8 * 8 * 1 + 8)
+
+
+def test_cache_is_unbounded_by_default_so_one_client_per_process_reads_once(tmp_path, fresh_cache):
+    clients = [_client(tmp_path, str(i), 10) for i in range(20)]
+    for _ in range(3):
+        for client in clients:
+            load_client_split(client)
+    info = cache_info()
+    assert info.max_bytes is None
+    assert (info.entries, info.bytes) == (20, 20 * _nbytes(10))
+    assert (info.misses, info.hits, info.evictions, info.rejected) == (20, 40, 0, 0)
+
+
+def test_cache_counts_hits_and_misses_and_entry_size_is_images_plus_labels(tmp_path, fresh_cache):
+    client = _client(tmp_path, "1", 3)
+    first = load_client_split(client)
+    assert first.nbytes == first.images.nbytes + first.labels.nbytes == _nbytes(3)
+    assert load_client_split(client) is first and load_client_split(str(client)) is first
+    assert cache_info()[:2] == (1, _nbytes(3))
+    assert (cache_info().misses, cache_info().hits) == (1, 2)
+
+
+def test_cache_evicts_the_least_recently_used_split_and_a_reread_one_becomes_recent(
+    tmp_path, fresh_cache
+):
+    a, b, c, d = (_client(tmp_path, name, 10) for name in "abcd")
+    set_cache_budget(3 * _nbytes(10))  # room for exactly three
+    loaded = {client: load_client_split(client) for client in (a, b, c)}
+    assert load_client_split(a) is loaded[a]  # a becomes the most recent: b is the oldest
+    loaded[d] = load_client_split(d)
+    info = cache_info()
+    assert (info.entries, info.bytes, info.evictions) == (3, 3 * _nbytes(10), 1)
+    # Three hits among the three entries: b is the one evicted.
+    assert all(load_client_split(client) is loaded[client] for client in (c, a, d))
+    # Order of use now, oldest first: c, a, d; b comes back in place of c.
+    assert load_client_split(b) is not loaded[b]
+    assert cache_info().evictions == 2
+    assert all(load_client_split(client) is loaded[client] for client in (a, d))
+    assert load_client_split(c) is not loaded[c]
+
+
+def test_cache_budget_is_respected_to_the_byte(tmp_path, fresh_cache):
+    small, large = _client(tmp_path, "small", 2), _client(tmp_path, "large", 5)
+    set_cache_budget(_nbytes(2) + _nbytes(5))  # both fit exactly
+    load_client_split(small)
+    load_client_split(large)
+    assert cache_info()[:3] == (2, _nbytes(7), _nbytes(7))
+    assert cache_info().evictions == 0
+
+    clear_cache()
+    set_cache_budget(_nbytes(7) - 1)  # one byte short: the older goes
+    load_client_split(small)
+    kept = load_client_split(large)
+    info = cache_info()
+    assert (info.entries, info.bytes, info.evictions) == (1, _nbytes(5), 1)
+    assert load_client_split(large) is kept
+
+
+def test_lowering_the_budget_evicts_least_recently_used_splits_at_once(tmp_path, fresh_cache):
+    a, b, c = (_client(tmp_path, name, 4) for name in "abc")
+    split_a = load_client_split(a)
+    for client in (b, c, a):
+        load_client_split(client)  # order of use, oldest first: b, c, a
+    set_cache_budget(_nbytes(4))
+    info = cache_info()
+    assert (info.entries, info.bytes, info.evictions) == (1, _nbytes(4), 2)
+    assert load_client_split(a) is split_a
+
+
+def test_a_split_larger_than_the_budget_is_returned_but_not_kept_nor_evicting(
+    tmp_path, fresh_cache
+):
+    small, huge = _client(tmp_path, "small", 2), _client(tmp_path, "huge", 50, fill=7)
+    set_cache_budget(_nbytes(10))
+    kept = load_client_split(small)
+    split = load_client_split(huge)
+    assert len(split) == 50 and int(split.images.max()) == 7
+    info = cache_info()
+    assert (info.entries, info.bytes, info.evictions, info.rejected) == (1, _nbytes(2), 0, 1)
+    assert load_client_split(huge) is not split  # read again
+    assert load_client_split(small) is kept
+
+
+def test_budget_zero_caches_nothing_but_every_load_still_returns_the_data(tmp_path, fresh_cache):
+    client = _client(tmp_path, "1", 3, fill=5)
+    set_cache_budget(0)
+    first, second = load_client_split(client), load_client_split(client)
+    assert first is not second and int(first.images[0, 0, 0, 0]) == 5
+    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+    info = cache_info()
+    assert (info.entries, info.bytes, info.hits, info.misses, info.rejected) == (0, 0, 0, 2, 2)
+
+
+def test_none_restores_an_unbounded_cache(tmp_path, fresh_cache):
+    set_cache_budget(_nbytes(1))
+    set_cache_budget(None)
+    for i in range(5):
+        load_client_split(_client(tmp_path, str(i), 100))
+    assert cache_info()[:3] == (5, 5 * _nbytes(100), None)
+
+
+def test_a_rewritten_file_is_read_again_and_replaces_its_stale_entry(tmp_path, fresh_cache):
+    client = _client(tmp_path, "1", 4, fill=1)
+    first = load_client_split(client)
+    # Same shape and size, other pixels: only the modification time tells them apart.
+    _client(tmp_path, "1", 4, fill=2)
+    stat = (client / "data.h5").stat()
+    os.utime(client / "data.h5", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    second = load_client_split(client)
+    assert second is not first and int(second.images.max()) == 2
+    # A different size: the entry's bytes follow the new file.
+    _client(tmp_path, "1", 9)
+    assert len(load_client_split(client)) == 9
+    info = cache_info()
+    assert (info.entries, info.bytes, info.misses, info.hits, info.evictions) == (
+        1, _nbytes(9), 3, 0, 0,
+    )
+
+
+@pytest.mark.parametrize("budget, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_cache_budget_must_be_none_or_a_non_negative_number_of_bytes(fresh_cache, budget, error):
+    with pytest.raises(error, match="cache budget"):
+        set_cache_budget(budget)
+    assert cache_info().max_bytes is None
+
+
+def test_cache_stays_consistent_within_its_budget_under_concurrent_use(tmp_path, fresh_cache):
+    # The store itself, hammered by threads (a worker may prefetch the next client in one).
+    cache = MemoryBudgetLRU(max_bytes=1000)
+    sizes = {key: 50 + 37 * key for key in range(20)}
+    errors: List[BaseException] = []
+
+    def use(offset: int) -> None:
+        try:
+            for step in range(2000):
+                key = (offset * 7 + step) % len(sizes)
+                if cache.get(key) is None:
+                    cache.put(key, f"value {key}", sizes[key])
+                elif step % 11 == 0:
+                    cache.discard(key)
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=use, args=(offset,)) for offset in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    info = cache.info()
+    assert info.hits + info.misses == 4 * 2000
+    held = [key for key in sizes if key in cache]
+    assert len(held) == info.entries and sum(sizes[key] for key in held) == info.bytes <= 1000
+    # And load_client_split goes through the process's store from several threads too.
+    client = _client(tmp_path, "1", 3)
+    results: List[object] = []
+    loaders = [
+        threading.Thread(target=lambda: results.append(load_client_split(client))) for _ in range(4)
+    ]
+    for thread in loaders:
+        thread.start()
+    for thread in loaders:
+        thread.join()
+    assert len(results) == 4 and all(len(split) == 3 for split in results)
+    assert cache_info()[:2] == (1, _nbytes(3))
 
 
 # --- digits ----------------------------------------------------------------------------------

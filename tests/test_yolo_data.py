@@ -136,6 +136,19 @@ def test_dataset_items_and_batches(tmp_path: Path):
         YoloDataset(tmp_path / "missing", 64)
 
 
+def test_dataset_nbytes_counts_the_labels_and_the_images_decoded_so_far(tmp_path: Path):
+    write_image(tmp_path / "images" / "a.png", 80, 40, [(1, (0, 0, 40, 20)), (0, (40, 20, 80, 40))])
+    write_image(tmp_path / "images" / "b.png", 40, 80, [])
+    dataset = YoloDataset(tmp_path, 64)
+    labels = 2 * 5 * 4  # two float32 rows of five for a, none for b
+    assert dataset.nbytes == labels
+    dataset[0]
+    assert dataset.nbytes == labels + 64 * 32 * 3  # a, decoded at long side 64
+    dataset[1]
+    dataset[0]
+    assert dataset.nbytes == labels + 2 * 64 * 32 * 3
+
+
 def test_dominant_class():
     assert dominant_class(np.zeros((0, 5))) == -1
     assert dominant_class(np.array([[3, 0, 0, 1, 1], [1, 0, 0, 1, 1], [3, 0, 0, 1, 1]])) == 3

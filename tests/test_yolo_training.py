@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import SHARED_DATA
+from fedml_api.data.client_data import cache_info, clear_cache, set_cache_budget
 from fedml_api.data.yolo_dataset import YoloDataset, collate_detections, label_path, list_images
 from fedml_api.model.YOLOv3 import CFG_DIR, Darknet, YOLOv3ResultAggregator, YOLOv3Trainer, yolo_loss
 
@@ -120,3 +121,32 @@ def test_the_trainer_rejects_labels_the_model_cannot_predict(tmp_path):
     trainer = YOLOv3Trainer(Darknet(CFG_DIR / "yolov3-tiny.cfg"))
     with pytest.raises(ValueError, match="class 80, but the model .* detects 80 classes"):
         trainer.test(torch.device("cpu"), training_args(), str(folder))
+
+
+def _one_image_folder(folder: Path) -> Path:
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "images" / "a.png")
+    (folder / "labels" / "a.txt").write_text("3 0.5 0.5 0.5 0.5\n")
+    return folder
+
+
+@pytest.mark.parametrize("budget", [None, 0])
+def test_the_trainer_keeps_its_datasets_in_the_budgeted_process_cache(tmp_path, budget):
+    folder = _one_image_folder(tmp_path / "data")
+    trainer = YOLOv3Trainer(Darknet(CFG_DIR / "yolov3-tiny.cfg"))
+    clear_cache()
+    set_cache_budget(budget)
+    try:
+        for _ in range(2):
+            trainer.test(torch.device("cpu"), training_args(), str(folder))
+        info = cache_info()
+        if budget is None:
+            # Counted once its image is decoded: 64 x 64 x 3 bytes, and one label row.
+            assert (info.entries, info.bytes, info.hits, info.misses) == (1, 64 * 64 * 3 + 20, 1, 1)
+        else:
+            assert (info.entries, info.bytes, info.hits, info.misses) == (0, 0, 0, 2)
+            assert info.rejected == 2
+    finally:
+        clear_cache()
+        set_cache_budget(None)

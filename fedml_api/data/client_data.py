@@ -6,6 +6,12 @@ File format, written by :func:`write_client_split` (scripts/split_dataset.py cal
 * dataset ``labels``: int64 ``[N]``;
 * attribute ``dataset``: the registry name (see :mod:`fedml_api.data.datasets`);
 * attribute ``num_samples``: ``N``, so the FedAvg weight is known without reading the images.
+
+:func:`load_client_split` keeps what it reads in the process's client-data cache, a least
+recently used cache bounded by a memory budget: :func:`set_cache_budget` (``None``, the
+default, unbounded; ``0``, no caching; else a number of bytes), :func:`cache_info` and
+:func:`clear_cache` (defined in :mod:`fedml_api.data.memory_cache`, which also holds the
+YOLO datasets under the same budget).
 """
 
 from __future__ import annotations
@@ -13,10 +19,23 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Union
 
 import numpy as np
 import torch
+
+from fedml_api.data.memory_cache import CLIENT_DATA_CACHE, cache_info, clear_cache, set_cache_budget
+
+__all__ = [
+    "ClientSplit",
+    "DATA_FILE",
+    "cache_info",
+    "clear_cache",
+    "count_client_samples",
+    "load_client_split",
+    "set_cache_budget",
+    "write_client_split",
+]
 
 PathLike = Union[str, os.PathLike]
 
@@ -42,9 +61,10 @@ class ClientSplit:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-
-# absolute path of data.h5 -> ((mtime_ns, size) when read, split)
-_CACHE: Dict[str, Tuple[Tuple[int, int], ClientSplit]] = {}
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the tensors (what the cache counts against its budget)."""
+        return int(self.images.nbytes + self.labels.nbytes)
 
 
 def write_client_split(
@@ -88,22 +108,28 @@ def write_client_split(
 
 
 def load_client_split(directory: PathLike) -> ClientSplit:
-    """Load ``<directory>/data.h5``, once per process.
+    """Load ``<directory>/data.h5``, through the process's client-data cache.
 
     The result is cached by absolute path, so a client that trains every round reads its
-    file only once; a file rewritten since (different mtime or size) is read again.
+    file once while it stays cached: always with the default budget (``None``, unbounded,
+    for one client per process); with a budget (:func:`set_cache_budget`), as long as it is
+    among the most recently used splits that fit in it. A file rewritten since it was
+    cached (different mtime or size) is read again.
+
+    Safe to call from several threads (a prefetching one, say); two threads loading the
+    same uncached split both read it.
 
     Raises:
         FileNotFoundError: there is no ``data.h5`` in ``directory``.
         ValueError: the file is not in the format described in the module docstring.
     """
     path = _data_file(directory)
-    key = str(path.resolve())
+    key = ("client_split", str(path.resolve()))
     stat = path.stat()
     signature = (stat.st_mtime_ns, stat.st_size)
-    cached = _CACHE.get(key)
-    if cached is not None and cached[0] == signature:
-        return cached[1]
+    cached = CLIENT_DATA_CACHE.get(key, version=signature)
+    if cached is not None:
+        return cached
     h5py = _h5py()
     with h5py.File(path, "r") as file:
         try:
@@ -127,7 +153,7 @@ def load_client_split(directory: PathLike) -> ClientSplit:
         labels=torch.from_numpy(labels.astype(np.int64)),
         dataset=dataset.decode() if isinstance(dataset, bytes) else str(dataset),
     )
-    _CACHE[key] = (signature, split)
+    CLIENT_DATA_CACHE.put(key, split, split.nbytes, version=signature)
     return split
 
 

@@ -118,7 +118,10 @@ class YoloDataset(Dataset):
     it, it is placed at a random scale and position and colour-jittered.
 
     Images are decoded once, at the size needed, and kept in memory (about
-    ``3 * S * S`` bytes each), since a federated client reads the same files every round.
+    ``3 * S * S`` bytes each), since a federated client reads the same files every round;
+    :attr:`nbytes` is what it holds so far. (:class:`fedml_api.model.YOLOv3.YOLOv3Trainer`
+    keeps its datasets in the process's client-data cache, under the budget of
+    :func:`fedml_api.data.memory_cache.set_cache_budget`.)
 
     Args:
         root: The dataset folder (see the module docstring).
@@ -152,6 +155,12 @@ class YoloDataset(Dataset):
     def num_objects(self) -> int:
         """Number of labelled objects in the dataset."""
         return sum(len(labels) for labels in self.labels)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the labels and the images decoded so far (it grows as items are read)."""
+        images = sum(image.nbytes for image in self._images if image is not None)
+        return images + sum(labels.nbytes for labels in self.labels)
 
     @property
     def max_class(self) -> int:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from argparse import Namespace
-from typing import Any, Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedml_api.data.memory_cache import CLIENT_DATA_CACHE
 from fedml_api.data.yolo_dataset import YoloDataset, collate_detections, count_yolo_images
 from fedml_api.data.yolo_transforms import DetectionAugmentation
 from fedml_api.utils.lr_schedule import learning_rate_for_round
@@ -46,14 +48,14 @@ class YOLOv3Trainer(ModelTrainer):
 
     ``train_path`` and ``test_path`` hold ``images/`` and ``labels/`` (see
     :mod:`fedml_api.data.yolo_dataset`). The datasets are built on first use and kept,
-    with their decoded images, for the following rounds.
+    with their decoded images, for the following rounds, in the process's client-data
+    cache (:mod:`fedml_api.data.memory_cache`): unbounded by default; under a budget
+    (``set_cache_budget``) the least recently used ones are dropped, and a dataset is
+    counted at its size after each train or test that reads it (its images are decoded
+    as they are first read).
     """
 
     model: Darknet
-
-    def __init__(self, model: Darknet, args: Optional[Namespace] = None) -> None:
-        super().__init__(model, args)
-        self._datasets: Dict[Tuple[str, int, Optional[DetectionAugmentation]], YoloDataset] = {}
 
     def get_local_sample_number(self, train_path: str) -> int:
         """Number of images under ``<train_path>/images`` (this client's FedAvg weight)."""
@@ -73,7 +75,7 @@ class YOLOv3Trainer(ModelTrainer):
         previous local model, not to the new global one.
         """
         augmentation = augmentation_from_args(args)
-        dataset = self._dataset(train_path, args.img_size, augmentation)
+        key, dataset = self._dataset(train_path, args.img_size, augmentation)
         lr = learning_rate_for_round(
             args.lr, args.lr_schedule, getattr(args, "round_idx", 0), args.comm_round
         )
@@ -100,6 +102,7 @@ class YOLOv3Trainer(ModelTrainer):
                 "%s: epoch %d/%d, lr %.5f, %d steps, mean loss %.4f (box %.4f, objectness %.4f, class %.4f)",
                 train_path, epoch + 1, args.epochs, lr, num_batches, *mean,
             )
+        _keep(key, dataset)
 
     def test(self, device: torch.device, args: Namespace, test_path: str) -> Dict[str, Any]:
         """Evaluate on the client's test images (letterboxed, no augmentation).
@@ -115,12 +118,13 @@ class YOLOv3Trainer(ModelTrainer):
             (:meth:`MatchStats.to_json`), from which :class:`YOLOv3ResultAggregator`
             computes the exact metrics of the union of all clients' test sets.
         """
-        dataset = self._dataset(test_path, args.img_size, None)
+        key, dataset = self._dataset(test_path, args.img_size, None)
         loader = DataLoader(
             dataset, batch_size=args.test_batch_size, shuffle=False, collate_fn=collate_detections
         )
         settings = EvaluationSettings(args.conf_thres, args.nms_iou, args.max_det)
         stats, loss = collect_match_stats(self.model.to(device), loader, device, settings)
+        _keep(key, dataset)
         metrics = evaluate_matches(stats)
         result: Dict[str, Any] = dict(metrics.summary())
         result.update(
@@ -139,19 +143,26 @@ class YOLOv3Trainer(ModelTrainer):
 
     def _dataset(
         self, path: str, image_size: int, augmentation: Optional[DetectionAugmentation]
-    ) -> YoloDataset:
-        key = (path, image_size, augmentation)
-        dataset = self._datasets.get(key)
+    ) -> Tuple[Hashable, YoloDataset]:
+        """The dataset of ``path`` from the cache, else built; with its cache key, under
+        which :func:`_keep` stores it once read."""
+        key = ("yolo", str(Path(path).resolve()), image_size, augmentation)
+        dataset = CLIENT_DATA_CACHE.get(key)
         if dataset is None:
             dataset = YoloDataset(path, image_size, augmentation)
-            if dataset.max_class >= self.model.num_classes:
-                raise ValueError(
-                    f"{path} has labels of class {dataset.max_class}, but the model "
-                    f"({self.model.cfg_path}) detects {self.model.num_classes} classes "
-                    f"(0..{self.model.num_classes - 1})"
-                )
-            self._datasets[key] = dataset
-        return dataset
+        # Checked on every use: the cache is the process's, shared by every trainer in it.
+        if dataset.max_class >= self.model.num_classes:
+            raise ValueError(
+                f"{path} has labels of class {dataset.max_class}, but the model "
+                f"({self.model.cfg_path}) detects {self.model.num_classes} classes "
+                f"(0..{self.model.num_classes - 1})"
+            )
+        return key, dataset
+
+
+def _keep(key: Hashable, dataset: YoloDataset) -> None:
+    """(Re)store ``dataset`` in the cache at its size now that its images are decoded."""
+    CLIENT_DATA_CACHE.put(key, dataset, dataset.nbytes)
 
 
 def _build_optimizer(

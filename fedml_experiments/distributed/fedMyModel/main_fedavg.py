@@ -56,7 +56,7 @@ class MyModelTrainer(ModelTrainer):
 
     def train(self, device: torch.device, args: argparse.Namespace, train_path: str) -> None:
         # TODO(trainer): your training loop. args.round_idx is the current round (0-based).
-        data = load_client_split(train_path)  # loaded once per process, then cached
+        data = load_client_split(train_path)  # cached per process (see set_cache_budget)
         model = self.model.to(device).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
         for _ in range(args.epochs):
