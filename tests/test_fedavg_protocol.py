@@ -21,30 +21,34 @@ def federation_args(clients, per_round, rounds, data_path, run_dir, *extra):
 
 
 def run_federation(tmp_path, clients=4, per_round=2, rounds=3, test_every=2, extra=(), trainer_factory=TinyTrainer,
-                   strategy_factory=None, **arguments):
+                   strategy_factory=None, workers=None, **arguments):
     """Run the server and the clients as threads over the in-process transport; returns
     (data_path, run_dir, {process_id: exception}) once every thread has ended.
 
     ``strategy_factory()``: each process's strategy (default: from the arguments);
+    ``workers``: run ``--worker_processes workers`` instead of one process per client;
     ``arguments``: more attributes of every process's args (e.g. ``lr=0.1``)."""
     data_path, run_dir = tmp_path / "data", tmp_path / "run"
     write_client_data(str(data_path), clients)
+    if workers is not None:
+        extra = ("--worker_processes", str(workers), *extra)
     args = federation_args(clients, per_round, rounds, data_path, run_dir, "--frequency_of_the_test", str(test_every), *extra)
-    hub = InProcessHub(clients + 1)
+    processes = (workers or clients) + 1
+    hub = InProcessHub(processes)
     # Built here, in order: make_model() seeds torch's global RNG, which threads share.
-    models = [make_model() for _ in range(clients + 1)]
+    models = [make_model() for _ in range(processes)]
     errors = {}
 
     def process(pid):
         try:
-            FedML_FedAvg_distributed(pid, clients + 1, torch.device("cpu"), None, models[pid], Namespace(**vars(args), **arguments),
+            FedML_FedAvg_distributed(pid, processes, torch.device("cpu"), None, models[pid], Namespace(**vars(args), **arguments),
                                      str(data_path / str(pid) / "train"), str(data_path / str(pid) / "test"),
                                      WeightedMeanResultAggregator(), trainer_factory(models[pid]), transport=hub.transport(pid),
                                      strategy=strategy_factory() if strategy_factory is not None else None)
         except BaseException as error:  # reported to the test; a thread cannot raise into pytest
             errors[pid] = error
 
-    threads = [threading.Thread(target=process, args=(pid,), daemon=True) for pid in range(clients + 1)]
+    threads = [threading.Thread(target=process, args=(pid,), daemon=True) for pid in range(processes)]
     for t in threads:
         t.start()
     for t in threads:

@@ -20,29 +20,17 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..distributed.communication.packed_tensors import BufferPool, PackedTensors
+from .blocks import BLOCK_ELEMENTS, BlockFinisher, _accumulator_dtype
+from .partial_sums import PartialSumAccumulator
 from .strategy import AggregationStrategy, ClientUpdate
 from .validation import layout_mismatch, non_finite_tensor
 
-# 512 Ki elements: a 2 MiB float32 accumulator block, which stays in cache (L2 or L3)
-# while every source's block is added to it; larger blocks mean fewer Python-level ops.
-BLOCK_ELEMENTS = 1 << 19
-
 Shard = Tuple[torch.dtype, torch.Tensor, List[Tuple[torch.Tensor, float]], int, int]  # dtype, sums, sources, start, end
-#: ``finish(dtype, start, block)``: see :meth:`WeightedMeanAccumulator.result`.
-BlockFinisher = Callable[[torch.dtype, int, torch.Tensor], None]
-
-
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype in (torch.float32, torch.float64):
-        return dtype
-    if dtype.is_floating_point:  # float16 / bfloat16: sum in float32, cast back at the end
-        return torch.float32
-    return torch.float64  # integers and bools
 
 
 def aggregation_threads() -> int:
@@ -255,15 +243,23 @@ class FedAvg(AggregationStrategy):
         max_buffered_updates: see :class:`WeightedMeanAccumulator` (``None``: fastest).
     """
 
+    accepts_partial_sums = True
+
     def __init__(self, max_buffered_updates: Optional[int] = None) -> None:
         self._accumulator = WeightedMeanAccumulator(max_buffered_updates)
+        self._partial_sums = PartialSumAccumulator()
 
     def add(self, update: ClientUpdate) -> None:
         if update.sample_number <= 0:
             raise ValueError(f"client {update.client_id} reported {update.sample_number} samples; expected a positive count")
         self._accumulator.add(update.params, update.sample_number, order_key=update.client_id)
 
+    def add_partial_sum(self, sums: Dict[torch.dtype, torch.Tensor], weight: float, order_key: int) -> None:
+        self._partial_sums.add(sums, weight, order_key)
+
     def aggregate(self, global_model: PackedTensors, round_idx: int = 0) -> PackedTensors:
+        if self._partial_sums:
+            return self._partial_sums.result(global_model)
         return self._accumulator.result()
 
     def rejected_updates(self) -> Dict[int, str]:

@@ -28,6 +28,7 @@ class FedAvgM(ServerOptimizer):
     """
 
     name = "FedAvgM"
+    accepts_partial_sums = True
     state_names = ("momentum",)
 
     def __init__(self, server_lr: float = 0.1, server_momentum: float = 0.9, max_buffered_updates: Optional[int] = None) -> None:

@@ -30,6 +30,7 @@ class FedOpt(ServerOptimizer):
     """
 
     state_names = ("m", "v")
+    accepts_partial_sums = True
 
     def __init__(self, server_lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-9,
                  max_buffered_updates: Optional[int] = None) -> None:

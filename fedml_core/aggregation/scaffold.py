@@ -36,6 +36,7 @@ class SCAFFOLD(ServerOptimizer):
     """
 
     name = "SCAFFOLD"
+    sends_client_tensors = True
 
     def __init__(self, server_lr: float = 1.0, max_buffered_updates: Optional[int] = None) -> None:
         if not server_lr > 0:

@@ -20,6 +20,7 @@ import torch
 
 from ..distributed.communication.packed_tensors import BufferPool, PackedTensors, dtype_from_name, dtype_name
 from .fedavg import BLOCK_ELEMENTS, WeightedMeanAccumulator, _accumulator_dtype
+from .partial_sums import PartialSumAccumulator
 from .strategy import AggregationStrategy, ClientUpdate, FederationInfo
 
 # Elements of one step() call: 64 Ki float32 = 256 KiB per array (about six arrays live).
@@ -44,6 +45,7 @@ class ServerOptimizer(AggregationStrategy):
 
     def __init__(self, max_buffered_updates: Optional[int] = None) -> None:
         self._accumulator = WeightedMeanAccumulator(max_buffered_updates)
+        self._partial_sums = PartialSumAccumulator()
         self._runs: Dict[torch.dtype, List[Run]] = {}
         self._run_starts: Dict[torch.dtype, List[int]] = {}
         self._state: Dict[str, Dict[torch.dtype, torch.Tensor]] = {}
@@ -112,12 +114,20 @@ class ServerOptimizer(AggregationStrategy):
     def add(self, update: ClientUpdate) -> None:
         self._accumulator.add(update.params, self.weight(update), order_key=update.client_id)
 
+    def add_partial_sum(self, sums: Dict[torch.dtype, torch.Tensor], weight: float, order_key: int) -> None:
+        if not self.accepts_partial_sums:  # a subclass that weighs or transforms each update
+            super().add_partial_sum(sums, weight, order_key)
+        self._partial_sums.add(sums, weight, order_key)
+
     def aggregate(self, global_model: PackedTensors, round_idx: int = 0) -> PackedTensors:
         self._x, self.round_idx = global_model, round_idx
         self._next = {name: {dtype: self._pool.take(v.numel() * v.element_size()).view(v.dtype) for dtype, v in vectors.items()}
                       for name, vectors in self._state.items()}
         try:
-            result = self._accumulator.result(self.finish_block)
+            if self._partial_sums:
+                result = self._partial_sums.result(global_model, self.finish_block)
+            else:
+                result = self._accumulator.result(self.finish_block)
         finally:
             self._x = None
         self._state, self._next = self._next, {}

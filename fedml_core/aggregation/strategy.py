@@ -109,6 +109,13 @@ class AggregationStrategy(ABC):
     """
 
     name = "FedAvg"
+    #: True if the new model depends on the updates only through their mean weighted by
+    #: sample number: with ``--worker_processes``, each worker then sends one partial sum
+    #: of its clients (:meth:`add_partial_sum`) instead of every client's update.
+    accepts_partial_sums = False
+    #: True if :meth:`configure_round` sends clients extra tensors of their own (e.g.
+    #: SCAFFOLD's corrections), which ``--worker_processes`` does not carry.
+    sends_client_tensors = False
 
     def setup(self, global_model: PackedTensors, trainable: Sequence[str], federation: FederationInfo) -> None:
         """Called once before the first round (and before :meth:`load_state_dict` on a
@@ -132,6 +139,14 @@ class AggregationStrategy(ABC):
     @abstractmethod
     def add(self, update: ClientUpdate) -> None:
         """Take one client's update for the current round."""
+
+    def add_partial_sum(self, sums: Dict[torch.dtype, torch.Tensor], weight: float, order_key: int) -> None:
+        """Take one worker's partial sum of the round (see
+        :mod:`~fedml_core.aggregation.partial_sums`): ``sums`` holds, per dtype of the
+        model's packed groups, the float64 vector ``sum_i n_i * x_i`` over that worker's
+        clients, and ``weight`` is ``sum_i n_i``; ``order_key`` orders the sums (the
+        worker's rank). Only strategies with :attr:`accepts_partial_sums` get these."""
+        raise NotImplementedError(f"{self.name} needs every client's update (accepts_partial_sums is False)")
 
     @abstractmethod
     def aggregate(self, global_model: PackedTensors, round_idx: int = 0) -> PackedTensors:

@@ -58,6 +58,22 @@ class FedAVGAggregator:
         rng = np.random.default_rng([self.args.seed, round_idx])
         return sorted(pool[int(i)] for i in rng.choice(len(pool), per_round, replace=False))
 
+    def test_sampling(self, round_idx: int, candidates: Sequence[int]) -> List[int]:
+        """The clients that test in round ``round_idx``: all ``candidates``, or
+        ``args.test_clients`` of them drawn without replacement from a generator seeded
+        by ``(args.seed, round_idx, 1)`` (reproducible; another draw than the training's)."""
+        pool = sorted(candidates)
+        wanted = getattr(self.args, "test_clients", None)
+        if wanted is None or wanted >= len(pool):
+            return pool
+        rng = np.random.default_rng([self.args.seed, round_idx, 1])
+        return sorted(pool[int(i)] for i in rng.choice(len(pool), wanted, replace=False))
+
+    def add_partial_sum(self, worker: int, sums: Mapping[torch.dtype, torch.Tensor], weight: int) -> None:
+        """Hand one worker's partial sum of the round to the strategy (see
+        :mod:`fedml_core.aggregation.partial_sums`); ``worker`` orders the sums."""
+        self.strategy.add_partial_sum(dict(sums), float(weight), worker)
+
     def configure_round(self, round_idx: int, clients: Sequence[int]) -> Dict[int, ClientInstructions]:
         """Every sampled client's instructions; each config names the algorithm."""
         given = self.strategy.configure_round(round_idx, clients, self.global_model)

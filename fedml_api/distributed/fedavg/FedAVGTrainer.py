@@ -43,6 +43,8 @@ class FedAVGTrainer:
         model_trainer: the user's :class:`ModelTrainer`.
         algorithms: what runs around the user's ``train()`` (the algorithm's client
             part, an attack), in order.
+        sample_numbers: ``(train, test)`` sample numbers counted before (a worker
+            process counts its clients' once); None: count them here.
 
     Raises:
         UserCodeError: ``get_local_sample_number`` raised or did not return a sample
@@ -50,7 +52,7 @@ class FedAVGTrainer:
     """
 
     def __init__(self, client_id: int, train_path: str, test_path: str, device: torch.device, args: Namespace, model_trainer: ModelTrainer,
-                 algorithms: Sequence[ClientAlgorithm] = ()) -> None:
+                 algorithms: Sequence[ClientAlgorithm] = (), sample_numbers: Optional[Tuple[int, int]] = None) -> None:
         self.client_id = client_id
         self.train_path = train_path
         self.test_path = test_path
@@ -60,8 +62,9 @@ class FedAVGTrainer:
         self.algorithms = list(algorithms)
         # set_model_params gets the global model as get_model_params gives it (numpy, a list).
         self.params_form = ParamsForm.of(self._call("get_model_params"))
-        self.train_sample_number = self._sample_number(train_path, minimum=1)
-        self.test_sample_number = self._sample_number(test_path, minimum=0)
+        if sample_numbers is None:
+            sample_numbers = self._sample_number(train_path, minimum=1), self._sample_number(test_path, minimum=0)
+        self.train_sample_number, self.test_sample_number = sample_numbers
 
     def _call(self, method: str, *args: Any) -> Any:
         """``self.trainer.<method>(*args)``, with any exception turned into a UserCodeError."""

@@ -18,17 +18,20 @@ from fedml_core.aggregation.registry import client_algorithms, make_strategy
 from fedml_core.distributed.communication.transport import Transport
 from fedml_core.trainer.model_trainer import ModelTrainer, check_trainer
 from fedml_core.trainer.result_aggregator import ResultAggregator, check_result_aggregator
+from fedml_api.data.client_data import set_cache_budget
 from fedml_api.utils.durable_file import FileWriteError
 from fedml_api.utils.launch_status import report_server_exit, report_server_start
 from fedml_api.utils.run_recorder import RunRecorder
 
-from .args import add_args, default_run_dir, fill_federation_defaults
+from .args import add_args, default_run_dir, fill_federation_defaults, process_count
 from .FedAVGAggregator import FedAVGAggregator
 from .FedAVGTrainer import FedAVGTrainer, UserCodeError
 from .FedAvgClientManager import FedAVGClientManager, ServerLost, report_failure
 from .checkpoint import SPARE_SUFFIX, check_same_model, resolve_resume
 from .preflight import preflight_process_num, run_preflight
+from .FedAvgPoolServerManager import FedAvgPoolServerManager
 from .FedAvgServerManager import FederationError, FedAVGServerManager, release_clients
+from .FedAvgWorkerManager import FedAvgWorkerManager
 
 __all__ = ["FedML_init", "FedML_FedAvg_distributed", "add_args", "init_server", "init_client"]
 
@@ -73,15 +76,18 @@ def FedML_FedAvg_distributed(
     Returns when the run is over (after ``args.comm_round`` rounds).
 
     Args:
-        process_id: this process's rank; 0 is the server, 1..CLIENT_NUM are clients.
-        worker_number: number of processes (CLIENT_NUM + 1).
+        process_id: this process's rank; 0 is the server, 1..CLIENT_NUM are clients
+            (with ``--worker_processes P``: 1..P are workers, each serving many clients).
+        worker_number: number of processes (CLIENT_NUM + 1, or P + 1).
         device: where this process trains and tests.
         comm: the MPI communicator from :func:`FedML_init` (unused if ``transport`` is given).
         model: the model; the same architecture on every process.
         args: run arguments (see ``fedml_api.distributed.fedavg.args.add_federation_args``,
             exported here as ``add_args``); a federation option ``args`` lacks is set to its
             default (and logged), so a main that parses only its own options runs too.
-        train_path, test_path: this client's data (``<data_path>/<process_id>/train|test``).
+        train_path, test_path: this client's data (``<data_path>/<process_id>/train|test``);
+            unused with ``--worker_processes``, whose workers serve client ``c`` from
+            ``<data_path>/<c>/train|test``.
         result_aggregator: combines the clients' test metrics on the server; needs
             ``aggregate_result(result_dict)`` or ``aggregate_test_result(round_idx, result_dict)``.
         model_trainer: the user's ModelTrainer around ``model`` (required). On a client its
@@ -102,7 +108,10 @@ def FedML_FedAvg_distributed(
     if filled and process_id == 0:
         logging.info("federation options missing from the arguments, set to their defaults: %s",
                      ", ".join(f"{name}={getattr(args, name)!r}" for name in filled))
-    if args.client_num_in_total != worker_number - 1:
+    if args.worker_processes is not None and worker_number != process_count(args):
+        raise ValueError(f"{worker_number} processes run, but --worker_processes {args.worker_processes} takes "
+                         f"{process_count(args)} (the server and {args.worker_processes} workers)")
+    if args.worker_processes is None and args.client_num_in_total != worker_number - 1:
         raise ValueError(
             f"{worker_number} processes run, which means {worker_number - 1} clients, but "
             f"--client_num_in_total is {args.client_num_in_total}; launch CLIENT_NUM + 1 processes"
@@ -117,6 +126,8 @@ def FedML_FedAvg_distributed(
         strategy = make_strategy(args)
     if process_id == 0:
         init_server(args, device, transport, model, model_trainer, result_aggregator, strategy)
+    elif args.worker_processes is not None:
+        init_worker(args, device, transport, model_trainer, strategy)
     else:
         init_client(args, device, transport, process_id, model_trainer, train_path, test_path, strategy)
 
@@ -153,7 +164,8 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
                             resume_path, checkpoint.round_idx, resume_path.removesuffix(SPARE_SUFFIX))
         elif checkpoint is not None:
             logging.info("server: resuming %s after round %d", resume_path, checkpoint.round_idx)
-        manager = FedAVGServerManager(args, aggregator, transport, recorder, resume_from=checkpoint)
+        manager_class = FedAVGServerManager if args.worker_processes is None else FedAvgPoolServerManager
+        manager = manager_class(args, aggregator, transport, recorder, resume_from=checkpoint)
         manager.run()
         status = 0
     except Exception as error:
@@ -163,7 +175,7 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
             logging.exception("server: unexpected error")
             reason = f"{type(error).__name__}: {error}"
         if manager is None:  # failed before the run started: the clients still wait for us
-            release_clients(transport, args.client_num_in_total)
+            release_clients(transport, process_count(args) - 1)
         if recorder is not None and recorder.summary is None:
             try:
                 recorder.write_summary(time.perf_counter() - start, manager.failed if manager else None, stopped=reason)
@@ -210,5 +222,31 @@ def init_client(args: Namespace, device: torch.device, transport: Transport, pro
         # the server's to record and report; the run's exit status is the server's.
         status = 0
         raise SystemExit(f"client {process_id} stopped: {reason}") from None
+    finally:
+        transport.close(status, finalize=finalize)
+
+
+def init_worker(args: Namespace, device: torch.device, transport: Transport, model_trainer: ModelTrainer,
+                strategy: Optional[AggregationStrategy] = None) -> None:
+    """Serve the clients the server assigns this worker process (``--worker_processes``)
+    until it finishes. Errors in a client's user code fail that client only; any other
+    error is reported to the server (which fails this worker's clients of the round)
+    and ends this process, as :func:`init_client` does."""
+    status, finalize = 1, False
+    try:
+        if args.client_cache_mb is not None:
+            set_cache_budget(int(args.client_cache_mb * 2**20))
+        manager = FedAvgWorkerManager(args, transport, model_trainer, device,
+                                      strategy if strategy is not None else make_strategy(args))
+        manager.run()
+        status, finalize = 0, manager.finalize
+    except ServerLost:
+        raise
+    except Exception as error:
+        reason = f"{type(error).__name__}: {error}"
+        logging.exception("worker %d: stopping: %s", transport.rank, reason)
+        report_failure(transport, reason)
+        status = 0  # as init_client's: the server records the failure and reports the run's status
+        raise SystemExit(f"worker {transport.rank} stopped: {reason}") from None
     finally:
         transport.close(status, finalize=finalize)

@@ -203,7 +203,8 @@ class FedAVGServerManager(ServerManager):
         )
         if self._is_test_round():
             self._test_results = {}
-            self._begin_phase("test", self.available_clients(), MyMessage.MSG_TYPE_S2C_TEST_MODEL)
+            self._begin_phase("test", self.aggregator.test_sampling(self.round_idx, self.available_clients()),
+                              MyMessage.MSG_TYPE_S2C_TEST_MODEL)
         else:
             self._end_round()
 
@@ -241,22 +242,13 @@ class FedAVGServerManager(ServerManager):
     # -- phases, deadlines, failures ---------------------------------------------
     def _begin_phase(self, phase: str, clients: List[int], msg_type: int) -> None:
         """Send the global model to ``clients`` and wait for their replies (with a deadline)."""
-        self._phase = phase
-        self._waiting = set(clients)
-        self._phase_start = time.perf_counter()
-        self._phase_has_allowance = not self._started[phase].issuperset(clients)
-        self._started[phase].update(clients)
-        if self.round_timeout is None:
-            self.deadline = None
-        else:
-            allowance = (self.args.startup_timeout or 0.0) if self._phase_has_allowance else 0.0
-            self.deadline = time.monotonic() + self.round_timeout + allowance
+        self._open_phase(phase, clients)
         instructions = self.aggregator.configure_round(self.round_idx, clients) if phase == "train" else {}
         # The round's extra tensors go first (a sender's messages arrive in order).
         extras = [tensors_message(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.rank, c, self.round_idx, instructions[c].tensors)
                   for c in clients if c in instructions and instructions[c].tensors]
         for client_id, error in self.transport.send_many(extras, timeout=self.round_timeout).items():
-            self._client_failed(client_id, "its process died" if isinstance(error, PeerFailure) else f"could not be sent the round's tensors: {error}")
+            self._process_failed(client_id, "its process died" if isinstance(error, PeerFailure) else f"could not be sent the round's tensors: {error}")
         messages = []
         for client_id in clients:
             if client_id in self.failed:
@@ -269,8 +261,21 @@ class FedAVGServerManager(ServerManager):
             messages.append(message)
         # Concurrent sends: a frozen client holds up nobody but itself.
         for client_id, error in self.transport.send_many(messages, timeout=self.round_timeout).items():
-            self._client_failed(client_id, "its process died" if isinstance(error, PeerFailure) else f"could not be sent the model: {error}")
+            self._process_failed(client_id, "its process died" if isinstance(error, PeerFailure) else f"could not be sent the model: {error}")
         self._maybe_end_phase()
+
+    def _open_phase(self, phase: str, ranks: List[int]) -> None:
+        """Start waiting for the replies of ``ranks`` in ``phase``, with the phase's deadline."""
+        self._phase = phase
+        self._waiting = set(ranks)
+        self._phase_start = time.perf_counter()
+        self._phase_has_allowance = not self._started[phase].issuperset(ranks)
+        self._started[phase].update(ranks)
+        if self.round_timeout is None:
+            self.deadline = None
+        else:
+            allowance = (self.args.startup_timeout or 0.0) if self._phase_has_allowance else 0.0
+            self.deadline = time.monotonic() + self.round_timeout + allowance
 
     def _maybe_end_phase(self) -> None:
         if self._waiting:
@@ -308,7 +313,7 @@ class FedAVGServerManager(ServerManager):
         sender = msg.get_sender_id()
         release_clients(self.transport, [sender], finalize=False)
         self.failed.pop(sender, None)  # e.g. timed out before: the report says what really happened
-        self._client_failed(sender, str(msg.get(MyMessage.MSG_ARG_KEY_ERROR)))
+        self._process_failed(sender, str(msg.get(MyMessage.MSG_ARG_KEY_ERROR)))
         self._maybe_end_phase()
 
     def on_deadline(self) -> None:
@@ -320,15 +325,17 @@ class FedAVGServerManager(ServerManager):
         else:
             reason = f"no reply within --round_timeout={self.round_timeout} s"
         for client_id in sorted(self._waiting):
-            self._client_failed(client_id, reason)
+            self._process_failed(client_id, reason)
         self._maybe_end_phase()
 
     def on_peer_failure(self, ranks: FrozenSet[int]) -> None:
         for client_id in sorted(ranks):
-            self._client_failed(client_id, "its process died")
+            self._process_failed(client_id, "its process died")
         self._maybe_end_phase()
 
-    def _client_failed(self, client_id: int, reason: str) -> None:
+    def _process_failed(self, client_id: int, reason: str) -> None:
+        """Process ``client_id`` failed (died, timed out, could not be sent to, reported
+        an error): here each process is one client, which is left out of later rounds."""
         if client_id in self.failed:
             return
         logging.error("server: round %d: client %d failed: %s", self.round_idx, client_id, reason)

@@ -84,6 +84,15 @@ def add_federation_args(parser: argparse.ArgumentParser, default_data_path: Opti
                             "aggregates in place instead of receiving a copy; off: every update is sent as a copy")
     group.add_argument("--max_buffered_updates", type=int, default=None,
                        help="fold client updates into the average every N arrivals to bound server memory (default: all at once, fastest)")
+    group.add_argument("--worker_processes", type=int, default=None, metavar="P",
+                       help="serve the CLIENT_NUM clients with P worker processes (P+1 processes in all), each training its "
+                            "share of a round's clients one after another (default: one process per client)")
+    group.add_argument("--test_clients", type=int, default=None, metavar="K",
+                       help="test rounds evaluate a sample of K clients, drawn anew each test round from --seed and "
+                            "the round (default: every client)")
+    group.add_argument("--client_cache_mb", type=float, default=None,
+                       help="with --worker_processes: memory each worker may keep client datasets in, least recently "
+                            "used first out (default: no limit)")
     add_optimizer_args(parser)
     return parser
 
@@ -143,11 +152,28 @@ def check_federation_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--min_clients_per_round ({args.min_clients_per_round:g}) cannot exceed WORKER_NUM ({args.client_num_per_round})")
     if args.max_buffered_updates is not None and args.max_buffered_updates < 1:
         raise ValueError(f"--max_buffered_updates must be at least 1, got {args.max_buffered_updates}")
-    make_strategy(args)  # an unknown name or a bad option value
+    strategy = make_strategy(args)  # an unknown name or a bad option value
+    if args.worker_processes is not None:
+        if not 1 <= args.worker_processes <= args.client_num_in_total:
+            raise ValueError(f"--worker_processes must be between 1 and CLIENT_NUM={args.client_num_in_total}, "
+                             f"got {args.worker_processes}")
+        if strategy.sends_client_tensors:
+            raise ValueError(f"{strategy.name} sends each client tensors of its own, which --worker_processes does not "
+                             f"carry yet: run it with one process per client")
+    if args.test_clients is not None and not 1 <= args.test_clients <= args.client_num_in_total:
+        raise ValueError(f"--test_clients must be between 1 and CLIENT_NUM={args.client_num_in_total}, got {args.test_clients}")
+    if args.client_cache_mb is not None and not args.client_cache_mb >= 0:
+        raise ValueError(f"--client_cache_mb must be at least 0 (megabytes), got {args.client_cache_mb}")
     if bool(args.attack) != bool(args.attackers):
         raise ValueError("--attack and --attackers go together (e.g. --attack sign_flip --attackers 2,5)")
     if args.attackers and max(args.attackers) > args.client_num_in_total:
         raise ValueError(f"--attackers {args.attackers} names a client above CLIENT_NUM={args.client_num_in_total}")
+
+
+def process_count(args: argparse.Namespace) -> int:
+    """The processes a run takes: the server plus one per client, or plus
+    ``--worker_processes``."""
+    return (args.worker_processes or args.client_num_in_total) + 1
 
 
 def default_run_dir(experiment: Optional[str] = None) -> str:

@@ -17,6 +17,22 @@ message; a client whose algorithm part returns extra tensors sends them as
 ``C2S_UPDATE_TENSORS`` just before its update, whose ``metadata`` holds the part's plain
 values. (Extra tensors travel in their own message so that the model's messages keep
 the model's layout: received in place, lent on one host.)
+
+Worker processes (``--worker_processes P``): processes 1..P are workers that serve the
+CLIENT_NUM clients. At start each worker counts the samples of its share of the clients
+(client ``c`` belongs to worker ``(c - 1) % P + 1``) and sends ``C2S_WORKER_READY``
+(``sample_numbers``: client -> [train, test]; ``failures``: client -> why it could not
+be counted). Each round the server sends every worker with clients to train
+``S2C_TRAIN_CLIENTS`` (the global model; ``clients``: their ids; ``configs``: client ->
+the algorithm's config; ``partial_sum``: whether to fold them). A worker trains them one
+after another and answers ``C2S_CLIENTS_TRAINED`` (``trained``: client -> samples and
+seconds; ``failures`` and ``rejected``: client -> reason; ``seconds``: the whole
+assignment), which carries the partial sum of the clients it folded (``weight``: their
+total sample number; see fedml_core/aggregation/partial_sums.py); without
+``partial_sum``, each client's update goes first as ``C2S_SEND_MODEL_TO_SERVER`` with
+its ``client``. Test rounds: ``S2C_TEST_CLIENTS`` (the model, ``clients``), answered by
+``C2S_CLIENTS_TESTED`` (``results``: client -> {result, sample_number}; ``failures``).
+JSON keys are strings: client ids travel as ``"17"``.
 """
 
 
@@ -26,6 +42,8 @@ class MyMessage:
     MSG_TYPE_S2C_TEST_MODEL = 2
     MSG_TYPE_S2C_FINISH = 3
     MSG_TYPE_S2C_ROUND_TENSORS = 4
+    MSG_TYPE_S2C_TRAIN_CLIENTS = 5
+    MSG_TYPE_S2C_TEST_CLIENTS = 6
 
     # client -> server
     MSG_TYPE_C2S_CLIENT_READY = 10
@@ -33,6 +51,9 @@ class MyMessage:
     MSG_TYPE_C2S_SEND_TEST_RESULT = 12
     MSG_TYPE_C2S_CLIENT_FAILED = 13
     MSG_TYPE_C2S_UPDATE_TENSORS = 14
+    MSG_TYPE_C2S_WORKER_READY = 15
+    MSG_TYPE_C2S_CLIENTS_TRAINED = 16
+    MSG_TYPE_C2S_CLIENTS_TESTED = 17
 
     # params
     MSG_ARG_KEY_ROUND_INDEX = "round_idx"
@@ -44,3 +65,14 @@ class MyMessage:
     MSG_ARG_KEY_FINALIZE = "finalize"
     MSG_ARG_KEY_CONFIG = "config"
     MSG_ARG_KEY_METADATA = "metadata"
+    MSG_ARG_KEY_CLIENT = "client"
+    MSG_ARG_KEY_CLIENTS = "clients"
+    MSG_ARG_KEY_CONFIGS = "configs"
+    MSG_ARG_KEY_PARTIAL_SUM = "partial_sum"
+    MSG_ARG_KEY_SAMPLE_NUMBERS = "sample_numbers"
+    MSG_ARG_KEY_FAILURES = "failures"
+    MSG_ARG_KEY_REJECTED = "rejected"
+    MSG_ARG_KEY_TRAINED = "trained"
+    MSG_ARG_KEY_WEIGHT = "weight"
+    MSG_ARG_KEY_SECONDS = "seconds"
+    MSG_ARG_KEY_RESULTS = "results"

@@ -1,0 +1,239 @@
+"""The server of a run whose clients are served by worker processes (``--worker_processes``)."""
+from __future__ import annotations
+
+import logging
+import time
+from argparse import Namespace
+from typing import Any, Dict, List, Mapping, Optional
+
+from fedml_core.aggregation import InvalidUpdate, check_layout
+from fedml_core.aggregation.partial_sums import received_partial_sum
+from fedml_core.distributed.communication.message import Message
+from fedml_core.distributed.communication.transport import PeerFailure, Transport
+
+from .checkpoint import ServerCheckpoint
+from .client_assignment import assign_clients
+from .FedAVGAggregator import FedAVGAggregator
+from .FedAvgServerManager import FederationError, FedAVGServerManager, release_clients
+from .message_define import MyMessage
+
+
+class FedAvgPoolServerManager(FedAVGServerManager):
+    """FedAvg over CLIENT_NUM clients served by ``args.worker_processes`` worker processes
+    (ranks 1..P; see message_define.py for the protocol).
+
+    The rounds are the one-process-per-client server's (sampling, aggregation, tests,
+    checkpoints, the summary), with clients assigned to workers: each phase, the clients
+    to train (or test) are spread over the live workers, balanced by sample number
+    (:func:`~.client_assignment.assign_clients`); a worker trains its clients one after
+    another and folds their states into one partial sum, which is all it sends when the
+    algorithm needs only the weighted mean (``accepts_partial_sums``), else it sends
+    each client's update.
+
+    Failures: a client whose code raised (or whose samples could not be counted) is
+    left out of later rounds, as in the one-process-per-client mode. A worker that
+    dies, misses the phase's deadline or cannot be sent to takes that phase's clients
+    with it: they are recorded failed for the round only, and are assigned to the
+    remaining workers in later rounds; the worker gets no more work unless a late reply
+    proves it back. With no worker left, the run stops (:class:`FederationError`).
+    """
+
+    def __init__(self, args: Namespace, aggregator: FedAVGAggregator, transport: Transport, recorder,
+                 resume_from: Optional[ServerCheckpoint] = None) -> None:
+        super().__init__(args, aggregator, transport, recorder, resume_from)
+        self.workers = list(range(1, args.worker_processes + 1))
+        self.lost_workers: Dict[int, str] = {}
+        #: client -> (training samples, test samples), as the workers counted them at start-up.
+        self.sample_numbers: Dict[int, tuple] = {}
+        self._assigned: Dict[int, List[int]] = {}  # worker -> its clients in the current phase
+        self._partial_sums = aggregator.strategy.accepts_partial_sums
+
+    def register_message_receive_handlers(self) -> None:
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_WORKER_READY, self.handle_message_worker_ready)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, self.handle_message_client_update)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENTS_TRAINED, self.handle_message_clients_trained)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENTS_TESTED, self.handle_message_clients_tested)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENT_FAILED, self.handle_message_client_failed)
+
+    def live_workers(self) -> List[int]:
+        return [rank for rank in self.workers if rank not in self.lost_workers]
+
+    # -- start-up ----------------------------------------------------------------
+    def send_init_msg(self) -> None:
+        """Wait for every worker to report its share's sample numbers (``args.startup_timeout``)."""
+        self._phase = "startup"
+        self._waiting = set(self.workers)
+        self.deadline = None if self.args.startup_timeout is None else time.monotonic() + self.args.startup_timeout
+
+    def handle_message_worker_ready(self, msg: Message) -> None:
+        sender = msg.get_sender_id()
+        if self._phase != "startup":
+            # Ready only after we gave up on it: it is back for later rounds.
+            self.lost_workers.pop(sender, None)
+            return
+        for client, numbers in _by_client(msg.get(MyMessage.MSG_ARG_KEY_SAMPLE_NUMBERS)).items():
+            self.sample_numbers[client] = (int(numbers[0]), int(numbers[1]))
+        for client, reason in _by_client(msg.get(MyMessage.MSG_ARG_KEY_FAILURES)).items():
+            self._client_failed(client, reason)
+        self._waiting.discard(sender)
+        self._maybe_end_phase()
+
+    # -- phases ------------------------------------------------------------------
+    def _start_round(self) -> None:
+        # A worker that never reported at start-up left its share's clients uncounted: they cannot be assigned.
+        for client in self.available_clients():
+            if client not in self.sample_numbers:
+                self._client_failed(client, "its sample numbers were never counted: its worker process did not start")
+        super()._start_round()
+
+    def _require_workers(self) -> None:
+        if not self.live_workers():
+            raise FederationError(f"round {self.round_idx}: no worker process left; lost: {self.lost_workers}")
+
+    def _begin_phase(self, phase: str, clients: List[int], msg_type: int) -> None:
+        """Assign ``clients`` to the live workers and send each its share with the model."""
+        self._require_workers()
+        column = 0 if phase == "train" else 1
+        self._assigned = assign_clients(clients, self.live_workers(), {c: self.sample_numbers[c][column] for c in clients})
+        self._record.setdefault("assignments", {})[phase] = {str(rank): chosen for rank, chosen in self._assigned.items()}
+        self._open_phase(phase, list(self._assigned))
+        instructions = self.aggregator.configure_round(self.round_idx, clients) if phase == "train" else {}
+        messages = []
+        for rank, chosen in self._assigned.items():
+            message = Message(MyMessage.MSG_TYPE_S2C_TRAIN_CLIENTS if phase == "train" else MyMessage.MSG_TYPE_S2C_TEST_CLIENTS,
+                              self.rank, rank)
+            message.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, self.round_idx)
+            message.add_params(MyMessage.MSG_ARG_KEY_CLIENTS, chosen)
+            if phase == "train":
+                message.add_params(MyMessage.MSG_ARG_KEY_CONFIGS, {str(c): instructions[c].config for c in chosen})
+                message.add_params(MyMessage.MSG_ARG_KEY_PARTIAL_SUM, self._partial_sums)
+            message.set_packed(self.aggregator.global_model)
+            messages.append(message)
+        # Concurrent sends: a frozen worker holds up nobody but itself.
+        for rank, error in self.transport.send_many(messages, timeout=self.round_timeout).items():
+            self._process_failed(rank, "its process died" if isinstance(error, PeerFailure) else f"could not be sent the model: {error}")
+        self._maybe_end_phase()
+
+    def _expected_client(self, msg: Message, phase: str, client: int) -> bool:
+        return self._expected(msg, phase) and client in self._assigned.get(msg.get_sender_id(), ())
+
+    def handle_message_client_update(self, msg: Message) -> None:
+        """One client's update, from a worker whose algorithm needs every update."""
+        client = int(msg.get(MyMessage.MSG_ARG_KEY_CLIENT))
+        if not self._expected_client(msg, "train", client):
+            return
+        try:
+            check_layout(self.aggregator.global_model, msg.packed)
+            self.aggregator.add_local_trained_result(client, msg.packed, int(msg.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES)),
+                                                     None, msg.params.get(MyMessage.MSG_ARG_KEY_METADATA))
+        except (InvalidUpdate, ValueError) as error:
+            self._reject_update(client, str(error))
+        else:
+            self._accepted += 1
+
+    def handle_message_clients_trained(self, msg: Message) -> None:
+        sender = msg.get_sender_id()
+        if not self._expected(msg, "train"):
+            return
+        mine = set(self._assigned[sender])
+        for client, reason in _by_client(msg.get(MyMessage.MSG_ARG_KEY_FAILURES)).items():
+            if client in mine:
+                self._client_failed(client, reason)
+        for client, reason in _by_client(msg.get(MyMessage.MSG_ARG_KEY_REJECTED)).items():
+            if client in mine:
+                self._reject_update(client, reason)
+        if self._partial_sums and msg.tensors:
+            self._add_partial_sum(sender, msg, mine)
+        self._train_seconds.append(float(msg.get(MyMessage.MSG_ARG_KEY_SECONDS)))
+        self._waiting.discard(sender)
+        self._maybe_end_phase()
+
+    def _add_partial_sum(self, sender: int, msg: Message, mine: set) -> None:
+        trained = _by_client(msg.get(MyMessage.MSG_ARG_KEY_TRAINED))
+        folded = [int(c) for c in msg.get(MyMessage.MSG_ARG_KEY_CLIENTS)]
+        weight = int(msg.get(MyMessage.MSG_ARG_KEY_WEIGHT))
+        try:
+            if not set(folded) <= mine or weight != sum(int(trained[c]["samples"]) for c in folded):
+                raise ValueError(f"worker {sender}'s partial sum names clients {folded} and weight {weight}, "
+                                 f"which its assignment {sorted(mine)} and reported sample numbers do not match")
+            sums = received_partial_sum(msg.tensors, self.aggregator.global_model)
+            self.aggregator.add_partial_sum(sender, sums, weight)
+        except (KeyError, ValueError) as error:
+            for client in folded:
+                self._reject_update(client, f"in worker {sender}'s partial sum: {error}")
+        else:
+            self._accepted += len(folded)
+
+    def handle_message_clients_tested(self, msg: Message) -> None:
+        sender = msg.get_sender_id()
+        if not self._expected(msg, "test"):
+            return
+        mine = set(self._assigned[sender])
+        for client, reason in _by_client(msg.get(MyMessage.MSG_ARG_KEY_FAILURES)).items():
+            if client in mine:
+                self._client_failed(client, reason)
+        for client, result in _by_client(msg.get(MyMessage.MSG_ARG_KEY_RESULTS)).items():
+            if client in mine:
+                self._test_results[client] = {"result": result["result"], "sample_number": int(result["sample_number"])}
+        self._waiting.discard(sender)
+        self._maybe_end_phase()
+
+    # -- failures ----------------------------------------------------------------
+    def _expected(self, msg: Message, phase: str) -> bool:
+        sender = msg.get_sender_id()
+        if self._phase == phase and msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX) == self.round_idx and sender in self._waiting:
+            return True
+        if sender in self.lost_workers:
+            logging.warning("server: worker %d is back (late reply for round %s); it may be given clients again",
+                            sender, msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX))
+            del self.lost_workers[sender]
+            self._record.setdefault("recovered_workers", []).append(sender)
+        else:
+            logging.warning("server: ignoring an unexpected message from worker %d", sender)
+        return False
+
+    def handle_message_client_failed(self, msg: Message) -> None:
+        """A worker stopped on an error outside its clients' code: let it go; its clients
+        of this phase fail for the round."""
+        sender = msg.get_sender_id()
+        release_clients(self.transport, [sender], finalize=False)
+        self._process_failed(sender, str(msg.get(MyMessage.MSG_ARG_KEY_ERROR)))
+        self._maybe_end_phase()
+
+    def _process_failed(self, rank: int, reason: str) -> None:
+        """Worker ``rank`` failed: it gets no more work (until it proves back), and the
+        clients it was serving in this phase are recorded failed for this round."""
+        if rank in self.lost_workers:
+            return
+        logging.error("server: round %d: worker %d failed: %s", self.round_idx, rank, reason)
+        self.lost_workers[rank] = reason
+        self.transport.abandon(rank)
+        self._record.setdefault("lost_workers", {})[str(rank)] = reason
+        if rank in self._waiting:
+            self._waiting.discard(rank)
+            failures = self._record.setdefault("failures", {})
+            for client in self._assigned.get(rank, ()):
+                failures.setdefault(str(client), f"its worker process {rank} failed: {reason}")
+
+    def _client_failed(self, client: int, reason: str) -> None:
+        """Client ``client``'s code raised: it is left out of later rounds."""
+        if client in self.failed:
+            return
+        logging.error("server: round %d: client %d failed: %s", self.round_idx, client, reason)
+        self.failed[client] = reason
+        self._record.setdefault("failures", {})[str(client)] = reason
+
+    def _end_round(self) -> None:
+        if self.lost_workers:
+            self._record["lost_workers_so_far"] = sorted(self.lost_workers)
+        super()._end_round()
+
+    def _release_clients(self) -> None:
+        if not self._released:
+            self._released = True
+            release_clients(self.transport, self.workers)
+
+
+def _by_client(values: Optional[Mapping[str, Any]]) -> Dict[int, Any]:
+    """A message's ``{"17": value}`` (JSON keys are strings) as ``{17: value}``."""
+    return {int(client): value for client, value in (values or {}).items()}

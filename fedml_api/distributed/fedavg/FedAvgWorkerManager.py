@@ -1,0 +1,190 @@
+"""A worker process of ``--worker_processes``: serves many clients, one after another."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from argparse import Namespace
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from fedml_core.aggregation import AggregationStrategy
+from fedml_core.aggregation.partial_sums import PartialSum
+from fedml_core.aggregation.registry import client_algorithms
+from fedml_core.distributed.client.client_manager import ClientManager
+from fedml_core.distributed.communication.message import Message
+from fedml_core.distributed.communication.packed_tensors import PackedTensors
+from fedml_core.distributed.communication.transport import Transport
+from fedml_core.trainer.model_trainer import ModelTrainer
+
+from .client_assignment import client_share
+from .FedAVGTrainer import FedAVGTrainer, UserCodeError
+from .FedAvgClientManager import ServerLost
+from .message_define import MyMessage
+
+
+class FedAvgWorkerManager(ClientManager):
+    """Trains and tests the clients the server assigns it, in one model's memory.
+
+    Every client starts from the round's global model (loaded with the trainer's
+    ``set_model_params`` before each client), with the random generators seeded from
+    ``(seed, round, client)`` as in the one-process-per-client mode, so a client's update
+    does not depend on which worker trained it or after which other client. The user's
+    ModelTrainer learns the client from ``set_id(client - 1)`` and from the paths it is
+    given, ``<data_path>/<client>/train`` and ``.../test``.
+
+    An exception in the user's code fails that client only (reported to the server,
+    which leaves it out of later rounds); the worker goes on with the next client.
+
+    Args:
+        args: the run's arguments (``data_path``, ``client_num_in_total``, ``worker_processes``, ...).
+        transport: to the server.
+        model_trainer: the user's ModelTrainer; its model is every client's.
+        device: where clients train and test.
+        strategy: the run's algorithm; each client runs its client part (and an attack,
+            for the ``--attackers``).
+    """
+
+    def __init__(self, args: Namespace, transport: Transport, model_trainer: ModelTrainer, device: torch.device,
+                 strategy: AggregationStrategy) -> None:
+        super().__init__(args, transport)
+        self.model_trainer = model_trainer
+        self.device = device
+        self.strategy = strategy
+        self.finalize = True  # set by the server's finish message
+        self.sample_numbers: Dict[int, Tuple[int, int]] = {}
+        self._state: Optional[PackedTensors] = None  # reused packing buffer of one client's trained state
+
+    def register_message_receive_handlers(self) -> None:
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_TRAIN_CLIENTS, self.handle_message_train_clients)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_TEST_CLIENTS, self.handle_message_test_clients)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_FINISH, self.handle_message_finish)
+
+    def _paths(self, client: int) -> Tuple[str, str]:
+        folder = os.path.join(self.args.data_path, str(client))
+        return os.path.join(folder, "train"), os.path.join(folder, "test")
+
+    def _trainer(self, client: int) -> FedAVGTrainer:
+        """The framework's trainer for ``client`` (its sample numbers counted once)."""
+        if callable(getattr(self.model_trainer, "set_id", None)):
+            self.model_trainer.set_id(client - 1)
+        train_path, test_path = self._paths(client)
+        return FedAVGTrainer(client, train_path, test_path, self.device, self.args, self.model_trainer,
+                             client_algorithms(self.args, self.strategy, client), self.sample_numbers.get(client))
+
+    def run(self) -> None:
+        """Count the samples of this worker's share of the clients, report them, serve."""
+        start = time.perf_counter()
+        failures = {}
+        for client in client_share(self.rank, self.args.worker_processes, self.args.client_num_in_total):
+            try:
+                trainer = self._trainer(client)
+            except UserCodeError as error:
+                failures[str(client)] = str(error)
+            else:
+                self.sample_numbers[client] = (trainer.train_sample_number, trainer.test_sample_number)
+        logging.info("worker %d: ready: counted the samples of %d clients in %.2f s (%d failed)", self.rank,
+                     len(self.sample_numbers), time.perf_counter() - start, len(failures))
+        ready = Message(MyMessage.MSG_TYPE_C2S_WORKER_READY, self.rank, 0)
+        ready.add_params(MyMessage.MSG_ARG_KEY_SAMPLE_NUMBERS, {str(c): list(n) for c, n in self.sample_numbers.items()})
+        ready.add_params(MyMessage.MSG_ARG_KEY_FAILURES, failures)
+        self.send_message(ready)
+        super().run()
+
+    def handle_message_train_clients(self, msg: Message) -> None:
+        round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
+        clients: List[int] = [int(c) for c in msg.get(MyMessage.MSG_ARG_KEY_CLIENTS)]
+        configs = msg.get(MyMessage.MSG_ARG_KEY_CONFIGS)
+        algorithms = {config.get("algorithm") for config in configs.values()}
+        if algorithms - {self.strategy.name}:
+            raise RuntimeError(f"worker {self.rank} runs {self.strategy.name}, but the server runs {sorted(algorithms)}: "
+                               f"give every process the same --federated_optimizer (or strategy)")
+        partial = PartialSum(msg.packed) if msg.get(MyMessage.MSG_ARG_KEY_PARTIAL_SUM) else None
+        start = time.perf_counter()
+        trained: Dict[str, Dict[str, Any]] = {}
+        failures: Dict[str, str] = {}
+        rejected: Dict[str, str] = {}
+        for client in clients:
+            try:
+                trainer = self._trainer(client)
+                trainer.update_model(msg.tensors)
+                state, num_samples, seconds, report = trainer.train(round_idx, configs[str(client)])
+            except UserCodeError as error:
+                logging.error("worker %d: round %d: client %d failed: %s", self.rank, round_idx, client, error)
+                failures[str(client)] = str(error)
+                continue
+            trained[str(client)] = {"samples": num_samples, "seconds": seconds}
+            packed = self._pack(state, msg.packed)
+            if packed is None:
+                rejected[str(client)] = "its state has other tensors (names, dtypes or shapes) than the global model"
+            elif partial is not None:
+                reason = partial.add(client, packed, num_samples)
+                if reason is not None:
+                    rejected[str(client)] = reason
+            else:
+                update = Message(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, self.rank, 0)
+                update.set_packed(packed)
+                update.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
+                update.add_params(MyMessage.MSG_ARG_KEY_CLIENT, client)
+                update.add_params(MyMessage.MSG_ARG_KEY_NUM_SAMPLES, num_samples)
+                if report.metadata:
+                    update.add_params(MyMessage.MSG_ARG_KEY_METADATA, report.metadata)
+                self.send_message(update)  # returns once the buffer may be reused
+        seconds = time.perf_counter() - start
+        logging.info("worker %d: round %d: trained %d clients in %.2f s", self.rank, round_idx, len(trained), seconds)
+        reply = Message(MyMessage.MSG_TYPE_C2S_CLIENTS_TRAINED, self.rank, 0,
+                        tensors=partial.tensors() if partial is not None and partial.clients else None)
+        reply.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
+        reply.add_params(MyMessage.MSG_ARG_KEY_TRAINED, trained)
+        reply.add_params(MyMessage.MSG_ARG_KEY_FAILURES, failures)
+        reply.add_params(MyMessage.MSG_ARG_KEY_REJECTED, rejected)
+        reply.add_params(MyMessage.MSG_ARG_KEY_SECONDS, seconds)
+        if partial is not None:
+            reply.add_params(MyMessage.MSG_ARG_KEY_CLIENTS, partial.clients)
+            reply.add_params(MyMessage.MSG_ARG_KEY_WEIGHT, partial.weight)
+        self.send_message(reply)
+
+    def _pack(self, state: Dict[str, torch.Tensor], template: PackedTensors) -> Optional[PackedTensors]:
+        """``state`` copied into a packed buffer of ``template``'s layout (reused from
+        client to client); None if its tensors are not the template's."""
+        if [(name, t.dtype, tuple(t.shape)) for name, t in state.items()] != list(template.layout_key()):
+            return None
+        if self._state is None or self._state.layout_key() != template.layout_key():
+            self._state = PackedTensors.empty_like_specs(list(template.layout_key()))
+        for spec in self._state.specs:
+            self._state.view(spec).copy_(state[spec.name])
+        return self._state
+
+    def handle_message_test_clients(self, msg: Message) -> None:
+        round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
+        results: Dict[str, Dict[str, Any]] = {}
+        failures: Dict[str, str] = {}
+        start = time.perf_counter()
+        for client in (int(c) for c in msg.get(MyMessage.MSG_ARG_KEY_CLIENTS)):
+            try:
+                trainer = self._trainer(client)
+                trainer.update_model(msg.tensors)  # again for each client: a test() may change the model
+                result, num_samples, _ = trainer.test()
+            except UserCodeError as error:
+                logging.error("worker %d: round %d: client %d failed: %s", self.rank, round_idx, client, error)
+                failures[str(client)] = str(error)
+            else:
+                results[str(client)] = {"result": result, "sample_number": num_samples}
+        reply = Message(MyMessage.MSG_TYPE_C2S_CLIENTS_TESTED, self.rank, 0)
+        reply.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
+        reply.add_params(MyMessage.MSG_ARG_KEY_RESULTS, results)
+        reply.add_params(MyMessage.MSG_ARG_KEY_FAILURES, failures)
+        reply.add_params(MyMessage.MSG_ARG_KEY_SECONDS, time.perf_counter() - start)
+        self.send_message(reply)
+
+    def handle_message_finish(self, msg: Message) -> None:
+        logging.info("worker %d: finished", self.rank)
+        self.finalize = bool(msg.params.get(MyMessage.MSG_ARG_KEY_FINALIZE, True))
+        self.finish()
+
+    def on_peer_failure(self, ranks) -> None:
+        for rank in ranks:
+            self.transport.abandon(rank)
+        if 0 in ranks:
+            raise ServerLost(f"worker {self.rank}: the server (process 0) died; stopping")
