@@ -46,6 +46,7 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         #: client -> (training samples, test samples), as the workers counted them at start-up.
         self.sample_numbers: Dict[int, tuple] = {}
         self._assigned: Dict[int, List[int]] = {}  # worker -> its clients in the current phase
+        self._arrived: set = set()  # clients whose own update arrived in this phase (algorithms without partial sums)
         self._partial_sums = aggregator.strategy.accepts_partial_sums
 
     def register_message_receive_handlers(self) -> None:
@@ -97,6 +98,7 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         self._assigned = assign_clients(clients, self.live_workers(), {c: self.sample_numbers[c][column] for c in clients})
         self._record.setdefault("assignments", {})[phase] = {str(rank): chosen for rank, chosen in self._assigned.items()}
         self._open_phase(phase, list(self._assigned))
+        self._arrived = set()
         instructions = self.aggregator.configure_round(self.round_idx, clients) if phase == "train" else {}
         messages = []
         for rank, chosen in self._assigned.items():
@@ -130,6 +132,7 @@ class FedAvgPoolServerManager(FedAVGServerManager):
             self._reject_update(client, str(error))
         else:
             self._accepted += 1
+            self._arrived.add(client)
 
     def handle_message_clients_trained(self, msg: Message) -> None:
         sender = msg.get_sender_id()
@@ -202,7 +205,8 @@ class FedAvgPoolServerManager(FedAVGServerManager):
 
     def _process_failed(self, rank: int, reason: str) -> None:
         """Worker ``rank`` failed: it gets no more work (until it proves back), and the
-        clients it was serving in this phase are recorded failed for this round."""
+        clients it was serving in this phase are recorded failed for this round (but
+        for those whose own update arrived before: it is aggregated)."""
         if rank in self.lost_workers:
             return
         logging.error("server: round %d: worker %d failed: %s", self.round_idx, rank, reason)
@@ -213,7 +217,8 @@ class FedAvgPoolServerManager(FedAVGServerManager):
             self._waiting.discard(rank)
             failures = self._record.setdefault("failures", {})
             for client in self._assigned.get(rank, ()):
-                failures.setdefault(str(client), f"its worker process {rank} failed: {reason}")
+                if client not in self._arrived:
+                    failures.setdefault(str(client), f"its worker process {rank} failed: {reason}")
 
     def _client_failed(self, client: int, reason: str) -> None:
         """Client ``client``'s code raised: it is left out of later rounds."""

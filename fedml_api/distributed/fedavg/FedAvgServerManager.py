@@ -195,7 +195,7 @@ class FedAVGServerManager(ServerManager):
         self._require_usable_updates(self._accepted - len(rejected))
         aggregated = time.perf_counter()
         self._record.update(self.aggregator.strategy.round_metrics())
-        slowest_training = max(self._train_seconds)
+        slowest_training = max(self._train_seconds, default=0.0)
         self._record.update(
             train_seconds=slowest_training,
             communication_seconds=max(0.0, updates_in - self._round_start - slowest_training),
