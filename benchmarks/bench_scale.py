@@ -48,6 +48,8 @@ processes once), and **accuracy** after the last round: the model tested by the 
 partition of the CIFAR-10 test set, so this is the accuracy on all 10,000 test images,
 for both systems. Flower evaluates centrally (``evaluate_fn``, after the last round only);
 this project runs its ordinary test round after the last round (``--frequency_of_the_test R``).
+Also reported: round 1's time, the final test's time and, for Flower, the time from the
+command to round 1's start (this project's metrics hold no absolute times).
 
 Runs alternate: within each repeat and case (N, K) one run of each system, the order
 reversed every other repeat. One run at a time. Every run is appended to
@@ -365,6 +367,7 @@ class Measured:
     """What :func:`measure` saw of one command."""
 
     returncode: int
+    started: float  # time.perf_counter() at the start: CLOCK_MONOTONIC, the same in every process
     wall_seconds: float
     peak_rss_bytes: int
     peak_pss_bytes: int
@@ -393,7 +396,7 @@ def measure(argv: Sequence[str], env: Dict[str, str], log_path: Path, timeout: f
         wall = time.perf_counter() - started
         sampler.stop()
     _stop_session(process.pid)
-    return Measured(returncode, wall, sampler.peak_rss, sampler.peak_pss, sampler.peak_processes,
+    return Measured(returncode, started, wall, sampler.peak_rss, sampler.peak_pss, sampler.peak_processes,
                     load_before, os.getloadavg())
 
 
@@ -428,6 +431,8 @@ class RunResult:
     status: str  # "completed", "failed: ...", "skipped: ..."
     round_seconds: List[float] = field(default_factory=list)  # per round, final test excluded
     accuracy: Optional[float] = None
+    test_seconds: Optional[float] = None  # the final test
+    to_first_round_seconds: Optional[float] = None  # command to round 1's start (Flower only)
     wall_seconds: Optional[float] = None
     peak_rss_mib: Optional[float] = None
     peak_pss_mib: Optional[float] = None
@@ -444,30 +449,33 @@ class RunResult:
         return statistics.median(later) if later else None
 
 
-def read_fedml_rounds(run_dir: Path) -> Tuple[List[float], Optional[float]]:
-    """This project's per-round seconds (the test phase subtracted) and final accuracy."""
-    rounds, accuracy = [], None
+def read_fedml_run(run_dir: Path, result: RunResult, started: float) -> None:
+    """This project's per-round seconds (the test phase subtracted), final accuracy and
+    test time, from the server's ``metrics.jsonl``."""
     metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            record = json.loads(line)
-            rounds.append(record["round_seconds"] - record.get("test_seconds", 0.0))
-            if record.get("test"):
-                accuracy = record["test"].get("accuracy")
-    return rounds, accuracy
+    if not metrics.exists():
+        return
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        result.round_seconds.append(record["round_seconds"] - record.get("test_seconds", 0.0))
+        if record.get("test"):
+            result.accuracy = record["test"].get("accuracy")
+            result.test_seconds = record.get("test_seconds")
 
 
-def read_flower_rounds(run_dir: Path) -> Tuple[List[float], Optional[float]]:
-    """Flower's per-round seconds and final accuracy, as :func:`flower_evaluate` wrote them."""
-    rounds, accuracy = [], None
+def read_flower_run(run_dir: Path, result: RunResult, started: float) -> None:
+    """Flower's per-round seconds, final accuracy and test time, and the time from the
+    command to round 1, from what :func:`flower_server_main` wrote."""
     marks = run_dir / "flower_rounds.jsonl"
     if marks.exists():
         times = [json.loads(line)["time"] for line in marks.read_text().splitlines()]
-        rounds = [later - earlier for earlier, later in zip(times, times[1:])]
+        result.round_seconds = [later - earlier for earlier, later in zip(times, times[1:])]
+        result.to_first_round_seconds = times[0] - started if times else None
     summary = run_dir / "summary.json"
     if summary.exists():
-        accuracy = (json.loads(summary.read_text()).get("final_test") or {}).get("accuracy")
-    return rounds, accuracy
+        content = json.loads(summary.read_text())
+        result.accuracy = (content.get("final_test") or {}).get("accuracy")
+        result.test_seconds = content.get("test_seconds")
 
 
 def run_one(system: str, case: Case, repeat: int, split: Path, opts: argparse.Namespace,
@@ -487,8 +495,8 @@ def run_one(system: str, case: Case, repeat: int, split: Path, opts: argparse.Na
     print(f"[{stamp:%H:%M:%S}] {system}: N={case.clients} K={case.per_round} R={case.rounds} "
           f"repeat {repeat}, load {os.getloadavg()[0]:.1f}", flush=True)
     measured = measure(argv, env, run_dir / "output.log", opts.timeout, opts.sample_interval)
-    reader = read_fedml_rounds if system == "fedml" else read_flower_rounds
-    result.round_seconds, result.accuracy = reader(run_dir)
+    reader = read_fedml_run if system == "fedml" else read_flower_run
+    reader(run_dir, result, measured.started)
     result.wall_seconds = measured.wall_seconds
     result.peak_rss_mib = measured.peak_rss_bytes / 2**20
     result.peak_pss_mib = measured.peak_pss_bytes / 2**20
@@ -519,14 +527,15 @@ def _median(values: Iterable[Optional[float]]) -> Optional[float]:
 def format_table(results: Sequence[RunResult]) -> str:
     """One line per run."""
     header = (f"{'system':<7} {'N':>5} {'K':>4} {'R':>2} {'rep':>3} {'round s':>8} {'round1 s':>8} {'wall s':>8} "
-              f"{'RSS MiB':>8} {'PSS MiB':>8} {'procs':>5} {'accuracy':>8} {'load':>9}  status")
+              f"{'test s':>6} {'start s':>7} {'RSS MiB':>8} {'PSS MiB':>8} {'procs':>5} {'accuracy':>8} {'load':>9}  status")
     lines = [header]
     for r in results:
         load = f"{r.load_before[0]:.1f}-{r.load_after[0]:.1f}" if r.load_before and r.load_after else "-"
         lines.append(
             f"{r.system:<7} {r.clients:>5} {r.per_round:>4} {r.rounds:>2} {r.repeat:>3} "
             f"{_fmt(r.median_round, '.2f'):>8} {_fmt(r.round_seconds[0] if r.round_seconds else None, '.2f'):>8} "
-            f"{_fmt(r.wall_seconds, '.1f'):>8} {_fmt(r.peak_rss_mib, '.0f'):>8} {_fmt(r.peak_pss_mib, '.0f'):>8} "
+            f"{_fmt(r.wall_seconds, '.1f'):>8} {_fmt(r.test_seconds, '.1f'):>6} "
+            f"{_fmt(r.to_first_round_seconds, '.1f'):>7} {_fmt(r.peak_rss_mib, '.0f'):>8} {_fmt(r.peak_pss_mib, '.0f'):>8} "
             f"{_fmt(r.peak_processes, 'd'):>5} {_fmt(r.accuracy, '.4f'):>8} {load:>9}  {r.status}")
     return "\n".join(lines)
 
@@ -711,6 +720,7 @@ def flower_server_main(grid: Any, context: Any) -> None:
     model = template.MyModel(config["in_channels"], config["num_classes"])
     evaluator = template.MyModelTrainer(template.MyModel(config["in_channels"], config["num_classes"]))
     final: Dict[str, Any] = {}
+    timings: Dict[str, float] = {}
 
     def evaluate(server_round: int, arrays: Any) -> Optional[Any]:
         # Flower calls this before round 1 (0) and after every round: the time of each
@@ -720,14 +730,16 @@ def flower_server_main(grid: Any, context: Any) -> None:
         if server_round < config["rounds"]:
             return None
         evaluator.set_model_params(arrays.to_torch_state_dict())
+        test_started = time.perf_counter()
         final.update(evaluate_on_all_clients(evaluator, config))
+        timings["test_seconds"] = time.perf_counter() - test_started
         return MetricRecord({"accuracy": final["accuracy"], "loss": final["loss"]})
 
     strategy = FedAvg(fraction_train=config["per_round"] / config["clients"], fraction_evaluate=0.0,
                       min_train_nodes=config["per_round"], min_available_nodes=config["clients"])
     strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=config["rounds"],
                    evaluate_fn=evaluate)
-    (out / "summary.json").write_text(json.dumps({"status": "completed", "final_test": final}, indent=2))
+    (out / "summary.json").write_text(json.dumps({"status": "completed", "final_test": final, **timings}, indent=2))
 
 
 def flower_client_app() -> Any:
