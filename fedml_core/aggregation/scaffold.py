@@ -2,12 +2,14 @@
 Federated Learning"), Algorithm 1 with option II for the client control variate."""
 from __future__ import annotations
 
+import os
 from argparse import Namespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from ..distributed.communication.packed_tensors import PackedTensors, dtype_from_name, dtype_name, plan_layout
+from .client_state import ClientStateStore
 from .local_training import DeviceCache, GradientHooks, cpu_copy, momentum_a_norm, replace_hooks
 from .server_optimizer import ServerOptimizer, StateSlices, global_step
 from .strategy import ClientAlgorithm, ClientInstructions, ClientReport, ClientRound, ClientUpdate, FederationInfo, TensorEntry
@@ -18,8 +20,9 @@ class SCAFFOLD(ServerOptimizer):
     """Control variates correct the clients' drift.
 
     The server keeps the global control variate ``c`` and every client's ``c_i`` (zero
-    until the client first trains; kept across rounds and in the checkpoint), over the
-    trainable parameters. Each sampled client gets ``c - c_i`` and trains with that
+    until the client first trains; kept across rounds, on disk in a
+    :class:`~fedml_core.aggregation.client_state.ClientStateStore` under the run
+    directory, named in the checkpoint), over the trainable parameters. Each sampled client gets ``c - c_i`` and trains with that
     correction added to every gradient; it returns its model ``y_i`` and, by option II,
     ``c_i+ = c_i - c + (x - y_i) / (K * lr)`` (``K`` local steps of learning rate
     ``lr``; see :class:`ScaffoldClient`). Then, with ``S`` the round's clients and ``N`` all clients::
@@ -36,7 +39,6 @@ class SCAFFOLD(ServerOptimizer):
     """
 
     name = "SCAFFOLD"
-    sends_client_tensors = True
 
     def __init__(self, server_lr: float = 1.0, max_buffered_updates: Optional[int] = None) -> None:
         if not server_lr > 0:
@@ -45,7 +47,7 @@ class SCAFFOLD(ServerOptimizer):
         self.server_lr = server_lr
         self._entries: List[TensorEntry] = []
         self.control = None  # type: Optional[PackedTensors]
-        self.client_controls: Dict[int, PackedTensors] = {}
+        self.client_controls = ClientStateStore(None)  # each client's c_i, by dtype name
         self._returned: Dict[int, PackedTensors] = {}
 
     def setup(self, global_model: PackedTensors, trainable: Sequence[str], federation: FederationInfo) -> None:
@@ -53,6 +55,8 @@ class SCAFFOLD(ServerOptimizer):
         names = set(self.updated_names(global_model, trainable))
         self._entries = [(s.name, s.dtype, s.shape) for s in global_model.specs if s.name in names]
         self.control = self._zeros()
+        directory = federation.state_directory
+        self.client_controls = ClientStateStore(os.path.join(directory, "scaffold") if directory else None)
 
     def _zeros(self) -> PackedTensors:
         specs, sizes = plan_layout(self._entries)
@@ -64,10 +68,14 @@ class SCAFFOLD(ServerOptimizer):
     def configure_round(self, round_idx: int, clients: Sequence[int], global_model: PackedTensors) -> Dict[int, ClientInstructions]:
         instructions = {}
         for client in clients:
-            own = self.client_controls.get(client)
+            own = self._client_control(client)
             groups = {dtype: c - own.groups[dtype] if own is not None else c for dtype, c in self.control.groups.items()}
             instructions[client] = ClientInstructions(tensors=PackedTensors(self.control.specs, groups).tensors())
         return instructions
+
+    def _client_control(self, client: int) -> Optional[PackedTensors]:
+        stored = self.client_controls.get(client)
+        return None if stored is None else PackedTensors(self.control.specs, {dtype_from_name(d): g for d, g in stored.items()})
 
     def expected_client_tensors(self) -> List[TensorEntry]:
         return list(self._entries)
@@ -89,22 +97,23 @@ class SCAFFOLD(ServerOptimizer):
         returned, self._returned = self._returned, {}
         result = super().aggregate(global_model, round_idx)
         used = {client: c for client, c in returned.items() if client not in self.rejected_updates()}
-        groups = {}
-        for dtype, c in self.control.groups.items():
-            drift = torch.zeros_like(c)
-            for client, new in sorted(used.items()):  # in client order: bit-reproducible
-                drift += new.groups[dtype]
-                if client in self.client_controls:
-                    drift -= self.client_controls[client].groups[dtype]
-            groups[dtype] = drift.div_(self.federation.num_clients).add_(c)  # new memory: the checkpoint may be writing c
+        drift = {dtype: torch.zeros_like(c) for dtype, c in self.control.groups.items()}
+        for client, new in sorted(used.items()):  # in client order: bit-reproducible
+            old = self._client_control(client)
+            for dtype, total in drift.items():
+                total += new.groups[dtype]
+                if old is not None:
+                    total -= old.groups[dtype]
+            self.client_controls.put(client, round_idx, {dtype_name(d): g for d, g in new.groups.items()})
+        # New memory: the checkpoint may be writing the old c.
+        groups = {dtype: drift[dtype].div_(self.federation.num_clients).add_(c) for dtype, c in self.control.groups.items()}
         self.control = PackedTensors(self.control.specs, groups)
-        self.client_controls.update(used)
         return result
 
     def state_dict(self) -> Dict[str, Any]:
         def plain(packed: PackedTensors) -> Dict[str, torch.Tensor]:
             return {dtype_name(d): g for d, g in packed.groups.items()}
-        return {"control": plain(self.control), "client_controls": {c: plain(p) for c, p in self.client_controls.items()}}
+        return {"control": plain(self.control), "client_controls": self.client_controls.snapshot()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         def packed(groups: Mapping[str, torch.Tensor]) -> PackedTensors:
@@ -113,7 +122,9 @@ class SCAFFOLD(ServerOptimizer):
                 raise ValueError("SCAFFOLD: the checkpoint's control variates are for another model")
             return PackedTensors(self.control.specs, loaded)
         self.control = packed(state["control"])
-        self.client_controls = {int(c): packed(groups) for c, groups in state["client_controls"].items()}
+        self.client_controls.restore(state["client_controls"])
+        for client in self.client_controls.clients()[:1]:  # the files are this model's
+            packed(self.client_controls.get(client))
 
     def client_algorithm(self, args: Namespace) -> ClientAlgorithm:
         return ScaffoldClient()

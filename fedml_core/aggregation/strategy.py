@@ -80,11 +80,15 @@ class FederationInfo:
         num_clients: CLIENT_NUM, the number of clients (process ids 1..CLIENT_NUM).
         clients_per_round: WORKER_NUM, the number sampled each round.
         seed: the run's seed (for a strategy's own randomness, e.g. DP noise).
+        state_directory: where a strategy keeps per-client state on disk (a folder under
+            the run directory; see :mod:`~fedml_core.aggregation.client_state`); None:
+            in memory (a strategy used outside a run).
     """
 
     num_clients: int
     clients_per_round: int
     seed: int = 0
+    state_directory: Optional[str] = None
 
 
 class AggregationStrategy(ABC):
@@ -113,9 +117,6 @@ class AggregationStrategy(ABC):
     #: sample number: with ``--worker_processes``, each worker then sends one partial sum
     #: of its clients (:meth:`add_partial_sum`) instead of every client's update.
     accepts_partial_sums = False
-    #: True if :meth:`configure_round` sends clients extra tensors of their own (e.g.
-    #: SCAFFOLD's corrections), which ``--worker_processes`` does not carry.
-    sends_client_tensors = False
 
     def setup(self, global_model: PackedTensors, trainable: Sequence[str], federation: FederationInfo) -> None:
         """Called once before the first round (and before :meth:`load_state_dict` on a

@@ -1,6 +1,7 @@
 """The server's side of FedAvg computation: client sampling, aggregation, metrics."""
 from __future__ import annotations
 
+import os
 from argparse import Namespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -36,7 +37,9 @@ class FedAVGAggregator:
         model = getattr(model_trainer, "model", None)
         trainable = ([name for name, _ in model.named_parameters()] if isinstance(model, torch.nn.Module)
                      else [spec.name for spec in self.global_model.specs if spec.dtype.is_floating_point])
-        federation = FederationInfo(args.client_num_in_total, args.client_num_per_round, getattr(args, "seed", 0))
+        run_dir = getattr(args, "run_dir", None)
+        federation = FederationInfo(args.client_num_in_total, args.client_num_per_round, getattr(args, "seed", 0),
+                                    os.path.join(run_dir, "client_state") if run_dir else None)
         self.strategy.setup(self.global_model, trainable, federation)
 
     def set_global_model(self, state: Mapping[str, torch.Tensor]) -> None:

@@ -1,6 +1,7 @@
 """The server of a run whose clients are served by worker processes (``--worker_processes``)."""
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from argparse import Namespace
@@ -11,6 +12,7 @@ from fedml_core.aggregation.partial_sums import received_partial_sum
 from fedml_core.distributed.communication.message import Message
 from fedml_core.distributed.communication.transport import PeerFailure, Transport
 
+from .algorithm_messages import received_tensors, tensors_message
 from .checkpoint import ServerCheckpoint
 from .client_assignment import assign_clients
 from .FedAVGAggregator import FedAVGAggregator
@@ -52,6 +54,7 @@ class FedAvgPoolServerManager(FedAVGServerManager):
     def register_message_receive_handlers(self) -> None:
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_WORKER_READY, self.handle_message_worker_ready)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, self.handle_message_client_update)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_UPDATE_TENSORS, self.handle_message_client_tensors)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENTS_TRAINED, self.handle_message_clients_trained)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENTS_TESTED, self.handle_message_clients_tested)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENT_FAILED, self.handle_message_client_failed)
@@ -100,8 +103,11 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         self._open_phase(phase, list(self._assigned))
         self._arrived = set()
         instructions = self.aggregator.configure_round(self.round_idx, clients) if phase == "train" else {}
+        self._send_client_tensors(instructions)
         messages = []
         for rank, chosen in self._assigned.items():
+            if rank in self.lost_workers:
+                continue
             message = Message(MyMessage.MSG_TYPE_S2C_TRAIN_CLIENTS if phase == "train" else MyMessage.MSG_TYPE_S2C_TEST_CLIENTS,
                               self.rank, rank)
             message.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, self.round_idx)
@@ -112,12 +118,38 @@ class FedAvgPoolServerManager(FedAVGServerManager):
             message.set_packed(self.aggregator.global_model)
             messages.append(message)
         # Concurrent sends: a frozen worker holds up nobody but itself.
-        for rank, error in self.transport.send_many(messages, timeout=self.round_timeout).items():
-            self._process_failed(rank, "its process died" if isinstance(error, PeerFailure) else f"could not be sent the model: {error}")
+        self._send_to_workers(messages, "the model")
         self._maybe_end_phase()
+
+    def _send_client_tensors(self, instructions: Mapping[int, Any]) -> None:
+        """Each assigned client's extra tensors (e.g. SCAFFOLD's correction), one message
+        per client, ahead of its worker's assignment: one message per worker at a time."""
+        queues = [[c for c in chosen if c in instructions and instructions[c].tensors] for chosen in self._assigned.values()]
+        for batch in itertools.zip_longest(*queues):
+            messages = []
+            for rank, client in zip(self._assigned, batch):
+                if client is not None and rank not in self.lost_workers:
+                    message = tensors_message(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.rank, rank, self.round_idx,
+                                              instructions[client].tensors)
+                    message.add_params(MyMessage.MSG_ARG_KEY_CLIENT, client)
+                    messages.append(message)
+            self._send_to_workers(messages, "the round's tensors")
+
+    def _send_to_workers(self, messages: List[Message], what: str) -> None:
+        for rank, error in self.transport.send_many(messages, timeout=self.round_timeout).items():
+            self._process_failed(rank, "its process died" if isinstance(error, PeerFailure) else f"could not be sent {what}: {error}")
 
     def _expected_client(self, msg: Message, phase: str, client: int) -> bool:
         return self._expected(msg, phase) and client in self._assigned.get(msg.get_sender_id(), ())
+
+    def handle_message_client_tensors(self, msg: Message) -> None:
+        """The extra tensors of one client's update (they come just before it)."""
+        client = int(msg.get(MyMessage.MSG_ARG_KEY_CLIENT))
+        if self._expected_client(msg, "train", client):
+            try:
+                self._update_tensors[client] = received_tensors(msg)
+            except ValueError as error:
+                self._reject_update(client, str(error))
 
     def handle_message_client_update(self, msg: Message) -> None:
         """One client's update, from a worker whose algorithm needs every update."""
@@ -127,7 +159,8 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         try:
             check_layout(self.aggregator.global_model, msg.packed)
             self.aggregator.add_local_trained_result(client, msg.packed, int(msg.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES)),
-                                                     None, msg.params.get(MyMessage.MSG_ARG_KEY_METADATA))
+                                                     self._update_tensors.pop(client, None),
+                                                     msg.params.get(MyMessage.MSG_ARG_KEY_METADATA))
         except (InvalidUpdate, ValueError) as error:
             self._reject_update(client, str(error))
         else:

@@ -18,6 +18,7 @@ from fedml_core.distributed.communication.packed_tensors import PackedTensors
 from fedml_core.distributed.communication.transport import Transport
 from fedml_core.trainer.model_trainer import ModelTrainer
 
+from .algorithm_messages import received_tensors, tensors_message
 from .client_assignment import client_share
 from .FedAVGTrainer import FedAVGTrainer, UserCodeError
 from .FedAvgClientManager import ServerLost
@@ -55,11 +56,17 @@ class FedAvgWorkerManager(ClientManager):
         self.finalize = True  # set by the server's finish message
         self.sample_numbers: Dict[int, Tuple[int, int]] = {}
         self._state: Optional[PackedTensors] = None  # reused packing buffer of one client's trained state
+        self._client_tensors: Dict[int, Dict[str, torch.Tensor]] = {}  # client: extra tensors sent for this round
 
     def register_message_receive_handlers(self) -> None:
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_TRAIN_CLIENTS, self.handle_message_train_clients)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_TEST_CLIENTS, self.handle_message_test_clients)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_FINISH, self.handle_message_finish)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.handle_message_client_tensors)
+
+    def handle_message_client_tensors(self, msg: Message) -> None:
+        # Copied: the receive buffer is the transport's to recycle.
+        self._client_tensors[int(msg.get(MyMessage.MSG_ARG_KEY_CLIENT))] = received_tensors(msg).copy_tensors()
 
     def _paths(self, client: int) -> Tuple[str, str]:
         folder = os.path.join(self.args.data_path, str(client))
@@ -109,7 +116,8 @@ class FedAvgWorkerManager(ClientManager):
             try:
                 trainer = self._trainer(client)
                 trainer.update_model(msg.tensors)
-                state, num_samples, seconds, report = trainer.train(round_idx, configs[str(client)])
+                state, num_samples, seconds, report = trainer.train(round_idx, configs[str(client)],
+                                                                    self._client_tensors.pop(client, {}))
             except UserCodeError as error:
                 logging.error("worker %d: round %d: client %d failed: %s", self.rank, round_idx, client, error)
                 failures[str(client)] = str(error)
@@ -123,6 +131,10 @@ class FedAvgWorkerManager(ClientManager):
                 if reason is not None:
                     rejected[str(client)] = reason
             else:
+                if report.tensors:  # just before the update, as the server expects them
+                    extra = tensors_message(MyMessage.MSG_TYPE_C2S_UPDATE_TENSORS, self.rank, 0, round_idx, report.tensors)
+                    extra.add_params(MyMessage.MSG_ARG_KEY_CLIENT, client)
+                    self.send_message(extra)
                 update = Message(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, self.rank, 0)
                 update.set_packed(packed)
                 update.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
@@ -131,6 +143,7 @@ class FedAvgWorkerManager(ClientManager):
                 if report.metadata:
                     update.add_params(MyMessage.MSG_ARG_KEY_METADATA, report.metadata)
                 self.send_message(update)  # returns once the buffer may be reused
+        self._client_tensors.clear()  # those of clients that failed before training
         seconds = time.perf_counter() - start
         logging.info("worker %d: round %d: trained %d clients in %.2f s", self.rank, round_idx, len(trained), seconds)
         reply = Message(MyMessage.MSG_TYPE_C2S_CLIENTS_TRAINED, self.rank, 0,

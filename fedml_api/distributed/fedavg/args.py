@@ -152,14 +152,11 @@ def check_federation_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--min_clients_per_round ({args.min_clients_per_round:g}) cannot exceed WORKER_NUM ({args.client_num_per_round})")
     if args.max_buffered_updates is not None and args.max_buffered_updates < 1:
         raise ValueError(f"--max_buffered_updates must be at least 1, got {args.max_buffered_updates}")
-    strategy = make_strategy(args)  # an unknown name or a bad option value
+    make_strategy(args)  # an unknown name or a bad option value
     if args.worker_processes is not None:
         if not 1 <= args.worker_processes <= args.client_num_in_total:
             raise ValueError(f"--worker_processes must be between 1 and CLIENT_NUM={args.client_num_in_total}, "
                              f"got {args.worker_processes}")
-        if strategy.sends_client_tensors:
-            raise ValueError(f"{strategy.name} sends each client tensors of its own, which --worker_processes does not "
-                             f"carry yet: run it with one process per client")
     if args.test_clients is not None and not 1 <= args.test_clients <= args.client_num_in_total:
         raise ValueError(f"--test_clients must be between 1 and CLIENT_NUM={args.client_num_in_total}, got {args.test_clients}")
     if args.client_cache_mb is not None and not args.client_cache_mb >= 0:

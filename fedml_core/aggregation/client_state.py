@@ -1,0 +1,123 @@
+"""Per-client state kept on disk, so that memory does not grow with CLIENT_NUM.
+
+An algorithm that remembers something per client between rounds (SCAFFOLD's control
+variates, a client's optimizer state, personalised layers) keeps it in a
+:class:`ClientStateStore` instead of a dict: one file per client and version under the
+run directory, only the version numbers in memory (a few bytes per client).
+
+Checkpoints: a version is the round that wrote it, and files are never overwritten, so
+the store's :meth:`~ClientStateStore.snapshot` (the client -> version map, saved in the
+strategy's checkpoint state) names files that stay as they are while later rounds write
+newer versions. The versions the last two snapshots name are kept (a checkpoint and its
+spare, which a damaged checkpoint falls back on); older ones are deleted as newer ones
+are written. A resumed run :meth:`~ClientStateStore.restore`\\ s the snapshot and goes on
+from those files, so it continues bit-exactly.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Mapping, Optional, Set
+
+import torch
+
+
+#: Clients per subdirectory (a directory of 100,000 files is slow to work in).
+CLIENTS_PER_FOLDER = 1000
+
+
+class ClientStateStore:
+    """Named tensors per client, on disk under ``directory`` (None: in memory, for a
+    strategy used outside a run, e.g. in a test or a benchmark).
+
+    Args:
+        directory: where the files go, e.g. ``<run_dir>/client_state/scaffold``.
+    """
+
+    def __init__(self, directory: Optional[str]) -> None:
+        self.directory = os.path.abspath(directory) if directory is not None else None
+        self._versions: Dict[int, int] = {}  # client -> its latest version
+        self._snapshots: List[Dict[int, int]] = [{}, {}]  # the last two snapshots' versions (newest last)
+        self._in_memory: Dict[int, Dict[str, torch.Tensor]] = {}
+        self._unsynced: Set[str] = set()  # files written since the last snapshot
+
+    def __len__(self) -> int:
+        return len(self._versions)
+
+    def __contains__(self, client: int) -> bool:
+        return client in self._versions
+
+    def clients(self) -> List[int]:
+        return sorted(self._versions)
+
+    def _path(self, client: int, version: int) -> str:
+        return os.path.join(self.directory, str(client // CLIENTS_PER_FOLDER), f"{client}-{version}.pt")
+
+    def get(self, client: int) -> Optional[Dict[str, torch.Tensor]]:
+        """The latest state of ``client`` (name -> CPU tensor), or None if it has none."""
+        if self.directory is None:
+            return self._in_memory.get(client)
+        version = self._versions.get(client)
+        if version is None:
+            return None
+        return torch.load(self._path(client, version), map_location="cpu", weights_only=True)
+
+    def put(self, client: int, version: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Store ``tensors`` as ``client``'s state of ``version`` (the round writing it;
+        increasing per client). The tensors are copied (in memory) or written out."""
+        if self.directory is None:
+            self._in_memory[client] = {name: t.detach().clone() for name, t in tensors.items()}
+            self._versions[client] = version
+            return
+        path = self._path(client, version)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = path + ".partial"
+        torch.save({name: t.detach().cpu() for name, t in tensors.items()}, partial)
+        os.replace(partial, path)
+        self._unsynced.add(path)
+        previous = self._versions.get(client)
+        self._versions[client] = version
+        if previous is not None and previous != version and all(snap.get(client) != previous for snap in self._snapshots):
+            self._remove(self._path(client, previous))
+
+    def snapshot(self) -> Dict[str, Any]:
+        """The state to save with a checkpoint: the files written so far are made
+        durable, and the ones it names are kept until two later snapshots replace it."""
+        if self.directory is None:
+            return {"directory": None, "tensors": {str(c): dict(t) for c, t in self._in_memory.items()}}
+        for path in self._unsynced:
+            with open(path, "rb") as written:
+                os.fsync(written.fileno())
+        self._unsynced = set()
+        oldest = self._snapshots[0]
+        self._snapshots = [self._snapshots[1], dict(self._versions)]
+        for client, version in oldest.items():  # no longer named by a kept snapshot, nor the latest
+            if version != self._versions.get(client) and all(snap.get(client) != version for snap in self._snapshots):
+                self._remove(self._path(client, version))
+        return {"directory": self.directory, "versions": {str(c): v for c, v in self._versions.items()}}
+
+    def _remove(self, path: str) -> None:
+        self._unsynced.discard(path)
+        try:
+            os.remove(path)
+        except FileNotFoundError:  # e.g. removed by an earlier run resumed from the same checkpoint
+            pass
+
+    def restore(self, snapshot: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`snapshot` (the run it was taken in wrote the files), or
+        from a plain ``{client: tensors}`` map (what checkpoints held before this store)."""
+        if "directory" not in snapshot:
+            for client, tensors in snapshot.items():
+                self.put(int(client), -1, tensors)
+            return
+        if snapshot["directory"] is None:
+            self._in_memory = {int(c): dict(t) for c, t in snapshot.get("tensors", {}).items()}
+            self._versions = {c: 0 for c in self._in_memory}
+            return
+        self.directory = snapshot["directory"]
+        self._versions = {int(c): int(v) for c, v in snapshot["versions"].items()}
+        missing = [c for c, v in self._versions.items() if not os.path.exists(self._path(c, v))]
+        if missing:
+            raise ValueError(f"the client states of clients {missing[:5]} are missing from {self.directory} "
+                             f"(expected files such as {self._path(missing[0], self._versions[missing[0]])})")
+        self._snapshots = [dict(self._versions), dict(self._versions)]
+
