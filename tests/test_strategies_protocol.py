@@ -237,6 +237,26 @@ def test_scaffold_client_corrects_every_gradient_and_returns_option_two_control_
     assert report.metadata == {"local_steps": LOCAL_STEPS}
 
 
+class FrozenFirstBias(TinyTrainer):
+    """A user's trainer that freezes a parameter (fine-tuning): it is still one of the
+    model's named_parameters(), which the server's strategy is set up with."""
+
+    def __init__(self, model):
+        model[0].bias.requires_grad_(False)
+        super().__init__(model)
+
+
+def test_scaffold_runs_a_model_with_a_frozen_parameter_through_the_protocol(tmp_path):
+    _, run_dir, errors = run_federation(tmp_path, clients=3, per_round=3, rounds=2, trainer_factory=FrozenFirstBias,
+                                        extra=["--federated_optimizer", "SCAFFOLD"], lr=0.1)
+    assert not errors, errors
+    records = records_of(run_dir)
+    assert all("rejected_updates" not in r for r in records), records
+    final, initial = torch.load(run_dir / "final_model.pt"), make_model().state_dict()
+    assert torch.allclose(final["0.bias"], initial["0.bias"], atol=1e-6)  # frozen: it never moves (but for the mean's rounding)
+    assert not torch.equal(final["0.weight"], initial["0.weight"])
+
+
 def test_fednova_client_counts_the_local_steps(tmp_path):
     _, _, _, report = local_training(tmp_path, [FedNovaClient()])
     assert report.metadata == {"local_steps": LOCAL_STEPS, "a_norm": float(LOCAL_STEPS)}

@@ -149,7 +149,9 @@ class ScaffoldClient(ClientAlgorithm):
 
     def before_train(self, model: torch.nn.Module, round_info: ClientRound) -> None:
         self._args = round_info.args
-        self._start = cpu_copy(model)
+        # Every parameter, frozen ones too: the server expects a variate for each of the
+        # model's named_parameters() (a frozen one's stays zero: it never moves).
+        self._start = cpu_copy(model, frozen=True)
         missing = sorted(set(self._start) - set(round_info.tensors))
         if missing:
             raise ValueError(f"SCAFFOLD: the server sent no control-variate correction for {missing[:5]}")
@@ -166,6 +168,6 @@ class ScaffoldClient(ClientAlgorithm):
         if not isinstance(lr, (int, float)) or not lr > 0:
             raise ValueError(f"SCAFFOLD needs the local learning rate as args.lr (--lr) or args.round_lr, got {lr!r}")
         work = momentum_a_norm(steps, float(getattr(self._args, "momentum", 0.0) or 0.0)) * lr
-        trained = cpu_copy(model)
+        trained = cpu_copy(model, frozen=True)
         controls = {name: (self._start[name] - trained[name]) / work - self._correction[name] for name in self._start}
         return ClientReport(tensors=controls, metadata={"local_steps": steps})
