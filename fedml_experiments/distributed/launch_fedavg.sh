@@ -45,6 +45,14 @@ if [ "$WORKER_NUM" -gt "$CLIENT_NUM" ]; then
     exit 2
 fi
 
+GRACE=${FEDML_EXIT_GRACE:-15}
+# Counted in shell arithmetic (ticks of 1/50 s), which takes integers only: a value such
+# as 1.5 would stop this script once the server has reported, leaving the job running.
+case "$GRACE" in
+    ''|*[!0-9]*) echo "error: FEDML_EXIT_GRACE must be a whole number of seconds (0 or more), got '$GRACE'" >&2; exit 2 ;;
+esac
+while case "$GRACE" in 0?*) true ;; *) false ;; esac; do GRACE=${GRACE#0}; done  # 08 is not octal here
+
 # With --worker_processes P, P workers serve the CLIENT_NUM clients: P + 1 processes.
 WORKER_PROCESSES=
 PREVIOUS=
@@ -165,7 +173,6 @@ export THP_MEM_ALLOC_ENABLE="${THP_MEM_ALLOC_ENABLE:-1}"
 STATUS_FILE=$(mktemp "${TMPDIR:-/tmp}/fedml-status.XXXXXX")
 rm -f "$STATUS_FILE"  # the server creates it when it is done
 export FEDML_STATUS_FILE="$STATUS_FILE"
-GRACE=${FEDML_EXIT_GRACE:-15}
 
 cd "$EXP_DIR"
 # mpirun runs in a session (and process group) of its own, so that stopping the group

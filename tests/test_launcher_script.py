@@ -1,0 +1,52 @@
+"""launch_fedavg.sh's own logic (options, grace period, exit status), against a fake
+mpirun: quick, and no MPI needed."""
+import os
+import subprocess
+import time
+
+import pytest
+
+from launched_jobs import LAUNCHER
+
+# The fake "mpirun": the server reports FAKE_STATUS, then one rank never exits (frozen).
+FAKE_MPIRUN = """#!/bin/sh
+echo started > "$FAKE_MARK"
+printf '%s\\n' "${FAKE_STATUS:-0}" > "$FEDML_STATUS_FILE"
+exec sleep 60
+"""
+
+
+@pytest.fixture
+def fake(tmp_path):
+    mpirun = tmp_path / "mpirun"
+    mpirun.write_text(FAKE_MPIRUN)
+    mpirun.chmod(0o755)
+    experiment = tmp_path / "exp"
+    experiment.mkdir()
+    (experiment / "mpi_host_file").write_text("localhost\n")
+    return mpirun, experiment, tmp_path / "started"
+
+
+def run_launcher(fake, **env):
+    mpirun, experiment, mark = fake
+    environment = {**os.environ, "FEDML_PREFLIGHT": "0", "MPIRUN": str(mpirun), "FAKE_MARK": str(mark), **env}
+    start = time.monotonic()
+    result = subprocess.run(["sh", str(LAUNCHER), str(experiment), "2", "2", "1"], env=environment, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=120, start_new_session=True)
+    return result, time.monotonic() - start
+
+
+@pytest.mark.parametrize("grace", ["1.5", "abc", "-1", "2 "])
+def test_a_bad_exit_grace_is_rejected_before_anything_is_launched(fake, grace):
+    result, _ = run_launcher(fake, FEDML_EXIT_GRACE=grace)
+    assert result.returncode == 2, result.stderr
+    assert "FEDML_EXIT_GRACE" in result.stderr and "whole number of seconds" in result.stderr, result.stderr
+    assert not fake[2].exists()  # mpirun never started
+
+
+@pytest.mark.parametrize("grace", ["1", "01"])
+def test_ranks_left_after_the_server_reported_are_stopped_after_the_grace_and_the_status_is_the_servers(fake, grace):
+    result, seconds = run_launcher(fake, FEDML_EXIT_GRACE=grace, FAKE_STATUS="3")
+    assert result.returncode == 3, result.stderr
+    assert "the server finished 1 s ago" in result.stderr
+    assert 1 <= seconds < 30
