@@ -380,3 +380,53 @@ def test_a_server_whose_checkpoint_and_spare_are_damaged_stops_before_any_round_
     assert message.startswith(f"FedAvg stopped: --resume: {first_dir / 'checkpoint.pt'} is truncated")
     assert f"and its spare cannot be used either: --resume: {first_dir / 'checkpoint.pt.spare'} is truncated" in message
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_the_strategys_state_tensors_reload_bit_exactly_whatever_their_layout(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    packed = PackedTensors.from_tensors({"a": torch.randn(3, generator=g), "b": torch.randn(2, 2, generator=g)})
+    state = {
+        "control": {"float32": torch.randn(10, generator=g)},
+        "client_controls": {2: {"float32": torch.randn(4, generator=g)}, 7: {"float64": torch.randn(3, generator=g).double()}},
+        "view_of_a_larger_buffer": packed.tensors()["b"],
+        "strided": torch.randn(3, 4, generator=g).t(),
+        "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 2), "mask": torch.tensor([True, False, True]),
+        "half": torch.randn(3, generator=g).bfloat16(), "rounds": 4,
+    }
+    save_checkpoint(str(tmp_path), ServerCheckpoint(0, _state(), strategy_state=state))
+    loaded = load_checkpoint(str(tmp_path)).strategy_state
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, torch.Tensor):
+            return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        return a == b
+    assert same(state, loaded)
+
+
+def test_the_strategys_state_is_written_from_its_own_memory_not_pickled_into_a_copy(tmp_path):
+    # SCAFFOLD keeps a control variate per client, an adaptive optimizer two moments: a
+    # model-sized state each round. Pickled into the fields' bytes it was copied several
+    # times over (3 GB of peak memory for a 0.46 GB state) and took seconds.
+    import tracemalloc
+    state = {"client_controls": {c: {"float32": torch.zeros(4 << 20)} for c in (1, 2)}}  # 2 x 16 MiB
+    tracemalloc.start()
+    try:
+        save_checkpoint(str(tmp_path), ServerCheckpoint(0, _state(), strategy_state=state))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak:,} bytes of Python objects while saving 32 MiB of tensors"
+    loaded = load_checkpoint(str(tmp_path)).strategy_state["client_controls"]
+    assert sorted(loaded) == [1, 2] and all(torch.equal(loaded[c]["float32"], state["client_controls"][c]["float32"]) for c in (1, 2))
+
+
+def test_a_damaged_strategy_tensor_is_found_by_its_checksum(tmp_path):
+    state = {"m": torch.randn(1 << 16)}
+    save_checkpoint(str(tmp_path), ServerCheckpoint(0, _state(), strategy_state=state))
+    raw = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    raw["tensors"][0][100] ^= 1
+    torch.save(raw, tmp_path / "checkpoint.pt")
+    with pytest.raises(DamagedCheckpoint, match=r"checkpoint.pt is damaged: its record 'tensors/0' fails its checksum"):
+        load_checkpoint(str(tmp_path))

@@ -7,7 +7,9 @@ the new checkpoint, never a partial file. The server writes them in the backgrou
 (:class:`CheckpointWriter`): the next round does not wait for the disk.
 
 Every record of the file carries a checksum (xxh3_64): the model's byte buffers, one
-per dtype, and the rest of the checkpoint, stored as one pickled ``bytes`` record. So a
+per dtype, the strategy's state tensors (SCAFFOLD's control variates, an optimizer's
+moments), one byte buffer each, and the rest of the checkpoint, stored as one pickled
+``bytes`` record that names those tensors by their place in the file. So a
 file damaged later (a bad disk, a bad copy) or cut short is named as such when it is
 loaded, instead of resuming from garbage; :func:`resolve_resume` then falls back to
 ``checkpoint.pt.spare``, the checkpoint before the last.
@@ -15,6 +17,7 @@ loaded, instead of resuming from garbage; :func:`resolve_resume` then falls back
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import pickle
@@ -34,7 +37,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 SPARE_SUFFIX = ".spare"
 # 2: the global model is stored packed (see _packed_model).
 # 3: every record has an xxh3_64 checksum; the fields other than the model's buffers are
-#    one pickled bytes record (see save_checkpoint).
+#    one pickled bytes record (see save_checkpoint), the tensors in them (the strategy's
+#    state) records of their own ("tensors"; a file without them has none).
 FORMAT_VERSION = 3
 # Niceness of the checkpoint writer thread: it yields the CPU to the round's work.
 WRITER_NICENESS = 10
@@ -45,7 +49,7 @@ _ZIP_START, _ZIP_END, _ZIP_END_BYTES = b"PK\x03\x04", b"PK\x05\x06", 22
 
 # The keys of a checkpoint's table of records (torch.save's pickle): a file with none of
 # them is something else, one with only some of them is damaged.
-_TABLE_KEYS = {"format", "fields", "groups", "checksums"}
+_TABLE_KEYS = {"format", "fields", "groups", "tensors", "checksums"}
 
 
 class DamagedCheckpoint(ValueError):
@@ -93,8 +97,9 @@ def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint, check_previous: 
     path = os.path.join(run_dir, CHECKPOINT_NAME)
     temporary, spare = path + ".partial", path + SPARE_SUFFIX
     layout, groups = _packed_model(checkpoint.global_model)
-    fields = pickle.dumps({**vars(checkpoint), "global_model": layout}, protocol=pickle.HIGHEST_PROTOCOL)
-    checksums = {"fields": _checksum(fields), **{f"groups/{name}": _checksum(group) for name, group in groups.items()}}
+    fields, tensors = _pickle_fields({**vars(checkpoint), "global_model": layout})
+    checksums = {"fields": _checksum(fields), **{f"groups/{name}": _checksum(group) for name, group in groups.items()},
+                 **{f"tensors/{i}": _checksum(tensor) for i, tensor in enumerate(tensors)}}
     # The previous checkpoint's file becomes the next one's: overwriting its blocks
     # costs less than freeing one file and allocating another every round. (A crash
     # between the link and the rename below leaves the spare a second name of the
@@ -107,7 +112,8 @@ def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint, check_previous: 
             keep_spare = True
         else:
             reuse_spare = True
-    _check_free_space(temporary, spare if reuse_spare else temporary, len(fields) + sum(group.numel() for group in groups.values()))
+    _check_free_space(temporary, spare if reuse_spare else temporary,
+                      len(fields) + sum(group.numel() for group in [*groups.values(), *tensors]))
     if reuse_spare:
         os.replace(spare, temporary)
     try:
@@ -115,7 +121,7 @@ def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint, check_previous: 
         # boundaries: the model then goes to the disk from its own memory, not copied.
         settings = {"save.compute_crc32": False, "save.storage_alignment": PAGE_BYTES}
         with durable_file(temporary) as f, serialization_config.patch(settings):
-            torch.save({"format": FORMAT_VERSION, "fields": fields, "groups": groups, "checksums": checksums}, f)
+            torch.save({"format": FORMAT_VERSION, "fields": fields, "groups": groups, "tensors": tensors, "checksums": checksums}, f)
     except (OSError, RuntimeError) as error:
         # Half written, the file is of no use, and on a full disk its blocks are what
         # the run's log and metrics need now.
@@ -164,6 +170,53 @@ def _checksum(buffer: Any) -> int:
     """xxh3_64 of a bytes object or of a uint8 tensor's memory: 25 GB/s here, against
     5 for zlib.crc32 and 0.7 for blake2b (see docs/BENCHMARKS.md); it releases the GIL."""
     return xxhash.xxh3_64_intdigest(buffer.numpy() if isinstance(buffer, torch.Tensor) else buffer)
+
+
+class _TensorsApart(pickle.Pickler):
+    """Pickles every tensor as a reference to a byte buffer of its own (in
+    :attr:`tensors`), which torch.save then writes from its memory: pickled inline, a
+    tensor would be copied into the fields' bytes, which torch.save copies again (a
+    model-sized state cost several times its size in memory, and seconds)."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors: List[torch.Tensor] = []
+
+    def persistent_id(self, obj: Any) -> Any:
+        if not isinstance(obj, torch.Tensor):
+            return None
+        tensor = obj.detach().cpu()
+        # A view of a larger buffer (or a strided one) gets a buffer of its own: torch.save
+        # writes the whole storage of what it is given.
+        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        self.tensors.append(byte_view(tensor))
+        return ("tensor", len(self.tensors) - 1, dtype_name(tensor.dtype), tuple(tensor.shape))
+
+
+def _pickle_fields(fields: Mapping[str, Any]) -> Tuple[bytes, List[torch.Tensor]]:
+    """``fields`` pickled, and the byte buffers of the tensors in them."""
+    buffer = io.BytesIO()
+    pickler = _TensorsApart(buffer)
+    pickler.dump(dict(fields))
+    return buffer.getvalue(), pickler.tensors
+
+
+def _unpickle_fields(data: bytes, tensors: List[torch.Tensor], path: str) -> Dict[str, Any]:
+    """The inverse of :func:`_pickle_fields` (the tensors: views of ``tensors``)."""
+    unpickler = pickle.Unpickler(io.BytesIO(data))
+
+    def persistent_load(pid: Any) -> torch.Tensor:
+        try:
+            kind, index, dtype, shape = pid
+            if kind != "tensor":
+                raise ValueError(kind)
+            return tensors[index].view(dtype_from_name(dtype)).reshape(shape)
+        except (ValueError, TypeError, IndexError, KeyError, RuntimeError):
+            raise DamagedCheckpoint(f"--resume: {path} is damaged: its fields name a tensor record {pid!r} it does not hold") from None
+
+    unpickler.persistent_load = persistent_load
+    return unpickler.load()
 
 
 def _packed_model(state: Mapping[str, torch.Tensor]) -> Tuple[List[Tuple[str, str, Tuple[int, ...]]], Dict[str, torch.Tensor]]:
@@ -290,18 +343,20 @@ def load_checkpoint(path: str) -> ServerCheckpoint:
     if version != FORMAT_VERSION:
         raise DamagedCheckpoint(f"--resume: {path} is damaged or from a newer version: its format is {version!r}; "
                                 f"this version reads format {FORMAT_VERSION}")
-    groups = raw.get("groups")
+    groups, tensors = raw.get("groups"), raw.get("tensors", [])
     if (not isinstance(raw.get("checksums"), dict) or not isinstance(raw.get("fields"), bytes) or not isinstance(groups, dict)
-            or not all(isinstance(group, torch.Tensor) and group.dtype == torch.uint8 for group in groups.values())):
+            or not isinstance(tensors, list)
+            or not all(isinstance(group, torch.Tensor) and group.dtype == torch.uint8 for group in [*groups.values(), *tensors])):
         raise DamagedCheckpoint(f"--resume: {path} is damaged: its table of records is garbled")
-    records = {"fields": raw["fields"], **{f"groups/{name}": group for name, group in groups.items()}}
+    records = {"fields": raw["fields"], **{f"groups/{name}": group for name, group in groups.items()},
+               **{f"tensors/{i}": tensor for i, tensor in enumerate(tensors)}}
     if set(records) != set(raw["checksums"]):
         raise DamagedCheckpoint(f"--resume: {path} is damaged: it holds the records {sorted(records)}, "
                                 f"its checksums are for {sorted(raw['checksums'])}")
     for name, record in records.items():
         if _checksum(record) != raw["checksums"][name]:
             raise DamagedCheckpoint(f"--resume: {path} is damaged: its record {name!r} fails its checksum")
-    fields = pickle.loads(raw["fields"])
+    fields = _unpickle_fields(raw["fields"], tensors, path)
     fields["global_model"] = _unpacked_model(fields["global_model"], groups, path)
     return ServerCheckpoint(**fields)
 
