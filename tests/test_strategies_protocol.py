@@ -243,6 +243,7 @@ class FrozenFirstBias(TinyTrainer):
 
     def __init__(self, model):
         model[0].bias.requires_grad_(False)
+        model.register_parameter("step_count", nn.Parameter(torch.tensor([3]), requires_grad=False))  # not a float
         super().__init__(model)
 
 

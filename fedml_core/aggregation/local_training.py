@@ -25,10 +25,11 @@ def trainable_parameters(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Par
 
 def cpu_copy(model: torch.nn.Module, frozen: bool = False) -> Dict[str, torch.Tensor]:
     """An independent CPU copy of the trainable parameters (never a view of the model's
-    memory, which the next received model overwrites); ``frozen``: of every parameter,
-    those with ``requires_grad=False`` too (the server's strategy counts every
-    ``named_parameters()`` entry as trainable)."""
-    parameters = model.named_parameters() if frozen else trainable_parameters(model)
+    memory, which the next received model overwrites); ``frozen``: of every
+    floating-point parameter, those with ``requires_grad=False`` too (what a server
+    strategy updates: the floating-point entries of ``named_parameters()``)."""
+    parameters = ([(name, p) for name, p in model.named_parameters() if p.is_floating_point()] if frozen
+                  else trainable_parameters(model))
     return {name: p.detach().to("cpu", copy=True) for name, p in parameters}
 
 
