@@ -50,3 +50,13 @@ def test_ranks_left_after_the_server_reported_are_stopped_after_the_grace_and_th
     assert result.returncode == 3, result.stderr
     assert "the server finished 1 s ago" in result.stderr
     assert 1 <= seconds < 30
+
+
+@pytest.mark.parametrize("positionals", [["08", "2", "1"], ["010", "2", "1"], ["2", "2", "09"], ["0", "1", "1"]])
+def test_a_positional_with_a_leading_zero_is_refused_not_read_as_octal(fake, positionals):
+    mpirun, experiment, mark = fake
+    environment = {**os.environ, "FEDML_PREFLIGHT": "0", "MPIRUN": str(mpirun), "FAKE_MARK": str(mark)}
+    result = subprocess.run(["sh", str(LAUNCHER), str(experiment), *positionals], env=environment, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60, start_new_session=True)
+    assert result.returncode == 2 and "must be a positive integer" in result.stderr, result.stderr
+    assert not mark.exists()

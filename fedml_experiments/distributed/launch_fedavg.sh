@@ -32,7 +32,8 @@ usage() {
     echo "  e.g. sh run_fedavg_distributed_pytorch.sh 10 5 50 --data_path /data/cifar10_split" >&2
     exit 2
 }
-is_positive_int() { case "$1" in ''|*[!0-9]*) return 1 ;; *) [ "$1" -gt 0 ] ;; esac; }
+# (No leading zero: shell arithmetic would read 010 as octal 8, and fail on 08.)
+is_positive_int() { case "$1" in ''|0*|*[!0-9]*) return 1 ;; esac; }
 
 [ $# -ge 4 ] || usage
 EXP_DIR=$1 CLIENT_NUM=$2 WORKER_NUM=$3 ROUND=$4
