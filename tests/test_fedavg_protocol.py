@@ -9,6 +9,7 @@ import torch
 from fedml_api.distributed.fedavg.args import add_federation_args
 from fedml_api.distributed.fedavg.FedAvgAPI import FedML_FedAvg_distributed
 from fedml_api.distributed.fedavg.FedAVGTrainer import FedAVGTrainer, UserCodeError
+from fedml_core.aggregation import FedAvg
 from fedml_core.distributed.communication.inprocess_transport import InProcessHub
 from fedml_core.trainer.result_aggregator import WeightedMeanResultAggregator
 from tiny_federation import TinyTrainer, make_model, reference_fedavg, sampled_clients, write_client_data
@@ -147,3 +148,14 @@ def test_an_overridden_set_model_params_gets_every_model_even_when_it_arrived_in
     assert len(LoadCountingTrainer.loads) == 3 * 2 + 2 * 4
     final = torch.load(run_dir / "final_model.pt")
     assert LoadCountingTrainer.loads[-1] == pytest.approx(float(sum(t.double().sum() for t in final.values())))
+
+
+def test_a_strategy_whose_setup_raises_stops_the_run_with_the_reason_and_releases_the_clients(tmp_path):
+    class BrokenSetup(FedAvg):
+        def setup(self, global_model, trainable, federation):
+            raise ValueError("this strategy cannot serve this model")
+
+    _, _, errors = run_federation(tmp_path, clients=2, per_round=2, rounds=1, strategy_factory=BrokenSetup)
+    assert isinstance(errors[0], SystemExit)
+    assert str(errors[0]) == "FedAvg stopped: this strategy cannot serve this model"
+    assert set(errors) == {0}  # the clients were released and ended normally

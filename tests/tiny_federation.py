@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from argparse import Namespace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,11 +31,13 @@ def client_sample_number(client_id: int) -> int:
     return 7 * client_id + 5
 
 
-def write_client_data(data_path: str, num_clients: int) -> None:
-    """``<data_path>/<id>/{train,test}/data.pt`` with a different size per client."""
+def write_client_data(data_path: str, num_clients: int, train_samples: Callable[[int], int] = client_sample_number,
+                      test_samples: Callable[[int], int] = lambda cid: 4 + cid) -> None:
+    """``<data_path>/<id>/{train,test}/data.pt`` with a different size per client
+    (``train_samples(id)`` and ``test_samples(id)``)."""
     for cid in range(1, num_clients + 1):
         g = torch.Generator().manual_seed(cid)
-        for split, n in (("train", client_sample_number(cid)), ("test", 4 + cid)):
+        for split, n in (("train", train_samples(cid)), ("test", test_samples(cid))):
             x = torch.randn(n, FEATURES, generator=g)
             y = torch.randint(0, CLASSES, (n,), generator=g)
             os.makedirs(os.path.join(data_path, str(cid), split), exist_ok=True)

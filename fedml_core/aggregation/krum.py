@@ -2,7 +2,7 @@
 Byzantine Tolerant Gradient Descent")."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -32,7 +32,9 @@ def squared_distances(updates: List[ClientUpdate], global_model: PackedTensors) 
 class Krum(HeldUpdates):
     """Score each update by the sum of its squared distances to its ``K - f - 2``
     nearest other updates; the ``m`` best-scored are averaged (uniformly) into the new
-    model, and the others are named in :meth:`rejected_updates` with their score.
+    model, and the others are named in the round's metrics (``krum_not_chosen``, with
+    their scores; they were valid updates, so they do not count against
+    ``--min_clients_per_round`` as :meth:`rejected_updates`, the invalid ones, do).
     ``m = 1`` is Krum: the new model is the chosen client's state.
 
     Args:
@@ -73,8 +75,8 @@ class Krum(HeldUpdates):
             self._mean.add(updates[i].params, 1.0, order_key=updates[i].client_id)
         return self._mean.result()
 
-    def rejected_updates(self) -> Dict[int, str]:
-        return {**super().rejected_updates(), **self._not_chosen}
+    def round_metrics(self) -> Dict[str, Any]:
+        return {"krum_not_chosen": {str(client): reason for client, reason in sorted(self._not_chosen.items())}}
 
 
 class MultiKrum(Krum):

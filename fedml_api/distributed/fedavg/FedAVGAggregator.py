@@ -34,9 +34,7 @@ class FedAVGAggregator:
         self.args = args
         self.strategy = strategy if strategy is not None else FedAvg(getattr(args, "max_buffered_updates", None))
         self.global_model = PackedTensors.from_tensors(as_named_tensors(model_trainer.get_model_params(), model_trainer))
-        model = getattr(model_trainer, "model", None)
-        trainable = ([name for name, _ in model.named_parameters()] if isinstance(model, torch.nn.Module)
-                     else [spec.name for spec in self.global_model.specs if spec.dtype.is_floating_point])
+        trainable = trainable_names(getattr(model_trainer, "model", None), self.global_model)
         run_dir = getattr(args, "run_dir", None)
         federation = FederationInfo(args.client_num_in_total, args.client_num_per_round, getattr(args, "seed", 0),
                                     os.path.join(run_dir, "client_state") if run_dir else None)
@@ -124,3 +122,19 @@ class FedAVGAggregator:
         with the ResultAggregator, which receives them keyed by client_idx from 0 (the contract)."""
         ordered = {idx: results[cid] for idx, cid in enumerate(sorted(results))}
         return aggregate_test_results(self.result_aggregator, round_idx, ordered)
+
+
+def trainable_names(model: Optional[torch.nn.Module], global_model: PackedTensors) -> List[str]:
+    """The names of the global model's tensors that are the model's parameters (the
+    others are buffers). ``get_model_params`` may return a list, whose tensors are named
+    ``"0"``, ``"1"``, ...: they are then matched with the model's ``state_dict`` by
+    position. Without a model to ask, every floating-point tensor counts as a parameter."""
+    names = [spec.name for spec in global_model.specs]
+    if isinstance(model, torch.nn.Module):
+        parameters = {name for name, _ in model.named_parameters()}
+        if parameters & set(names):
+            return [name for name in names if name in parameters]
+        keys = list(model.state_dict())
+        if len(keys) == len(names):
+            return [name for name, key in zip(names, keys) if key in parameters]
+    return [spec.name for spec in global_model.specs if spec.dtype.is_floating_point]

@@ -146,12 +146,13 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
     report_server_start()
     start = time.perf_counter()
     args.run_dir = args.run_dir or default_run_dir()
-    aggregator = FedAVGAggregator(model_trainer, result_aggregator, args, strategy)
     checkpoint = None
     recorder = None
     manager = None
     status = 1
     try:
+        # In here: a strategy's setup or the trainer's get_model_params may raise.
+        aggregator = FedAVGAggregator(model_trainer, result_aggregator, args, strategy)
         if args.resume:
             checkpoint, resume_path = resolve_resume(args.resume)
             check_same_model(checkpoint.global_model, aggregator.global_model.tensors(), resume_path)

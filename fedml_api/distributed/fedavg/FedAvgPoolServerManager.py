@@ -1,7 +1,6 @@
 """The server of a run whose clients are served by worker processes (``--worker_processes``)."""
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from argparse import Namespace
@@ -103,11 +102,16 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         self._open_phase(phase, list(self._assigned))
         self._arrived = set()
         instructions = self.aggregator.configure_round(self.round_idx, clients) if phase == "train" else {}
-        self._send_client_tensors(instructions)
         messages = []
         for rank, chosen in self._assigned.items():
             if rank in self.lost_workers:
                 continue
+            for client in chosen:  # each client's extra tensors (e.g. SCAFFOLD's correction) before the assignment
+                if client in instructions and instructions[client].tensors:
+                    extra = tensors_message(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.rank, rank, self.round_idx,
+                                            instructions[client].tensors)
+                    extra.add_params(MyMessage.MSG_ARG_KEY_CLIENT, client)
+                    messages.append(extra)
             message = Message(MyMessage.MSG_TYPE_S2C_TRAIN_CLIENTS if phase == "train" else MyMessage.MSG_TYPE_S2C_TEST_CLIENTS,
                               self.rank, rank)
             message.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, self.round_idx)
@@ -118,26 +122,9 @@ class FedAvgPoolServerManager(FedAVGServerManager):
             message.set_packed(self.aggregator.global_model)
             messages.append(message)
         # Concurrent sends: a frozen worker holds up nobody but itself.
-        self._send_to_workers(messages, "the model")
-        self._maybe_end_phase()
-
-    def _send_client_tensors(self, instructions: Mapping[int, Any]) -> None:
-        """Each assigned client's extra tensors (e.g. SCAFFOLD's correction), one message
-        per client, ahead of its worker's assignment: one message per worker at a time."""
-        queues = [[c for c in chosen if c in instructions and instructions[c].tensors] for chosen in self._assigned.values()]
-        for batch in itertools.zip_longest(*queues):
-            messages = []
-            for rank, client in zip(self._assigned, batch):
-                if client is not None and rank not in self.lost_workers:
-                    message = tensors_message(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.rank, rank, self.round_idx,
-                                              instructions[client].tensors)
-                    message.add_params(MyMessage.MSG_ARG_KEY_CLIENT, client)
-                    messages.append(message)
-            self._send_to_workers(messages, "the round's tensors")
-
-    def _send_to_workers(self, messages: List[Message], what: str) -> None:
         for rank, error in self.transport.send_many(messages, timeout=self.round_timeout).items():
-            self._process_failed(rank, "its process died" if isinstance(error, PeerFailure) else f"could not be sent {what}: {error}")
+            self._process_failed(rank, "its process died" if isinstance(error, PeerFailure) else f"could not be sent the model: {error}")
+        self._maybe_end_phase()
 
     def _expected_client(self, msg: Message, phase: str, client: int) -> bool:
         return self._expected(msg, phase) and client in self._assigned.get(msg.get_sender_id(), ())

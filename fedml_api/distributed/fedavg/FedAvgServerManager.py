@@ -244,15 +244,13 @@ class FedAVGServerManager(ServerManager):
         """Send the global model to ``clients`` and wait for their replies (with a deadline)."""
         self._open_phase(phase, clients)
         instructions = self.aggregator.configure_round(self.round_idx, clients) if phase == "train" else {}
-        # The round's extra tensors go first (a sender's messages arrive in order).
-        extras = [tensors_message(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.rank, c, self.round_idx, instructions[c].tensors)
-                  for c in clients if c in instructions and instructions[c].tensors]
-        for client_id, error in self.transport.send_many(extras, timeout=self.round_timeout).items():
-            self._process_failed(client_id, "its process died" if isinstance(error, PeerFailure) else f"could not be sent the round's tensors: {error}")
         messages = []
         for client_id in clients:
             if client_id in self.failed:
                 continue
+            if client_id in instructions and instructions[client_id].tensors:  # just before the model: messages keep their order
+                messages.append(tensors_message(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.rank, client_id, self.round_idx,
+                                                instructions[client_id].tensors))
             message = Message(msg_type, self.rank, client_id)
             message.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, self.round_idx)
             if client_id in instructions:

@@ -34,8 +34,11 @@ def preflight_process_num() -> Optional[int]:
 def run_preflight(args: Namespace, model_trainer: ModelTrainer) -> NoReturn:
     """Check what can be checked before any rank starts, then exit (0: the run may start;
     2: the first problem found, printed once)."""
+    from fedml_core.aggregation.registry import make_strategy
+
     from .args import check_federation_args
     from .checkpoint import check_same_model, resolve_resume
+    from .FedAVGAggregator import FedAVGAggregator
 
     try:
         check_federation_args(args)
@@ -45,6 +48,12 @@ def run_preflight(args: Namespace, model_trainer: ModelTrainer) -> NoReturn:
             checkpoint, resume_path = resolve_resume(args.resume)
             check_same_model(checkpoint.global_model, as_named_tensors(model_trainer.get_model_params(), model_trainer),
                              resume_path)
+            # The algorithm's state too (e.g. a SCAFFOLD checkpoint resumed with another --federated_optimizer).
+            strategy = FedAVGAggregator(model_trainer, None, args, make_strategy(args)).strategy
+            try:
+                strategy.load_state_dict(checkpoint.strategy_state)
+            except ValueError as error:
+                raise ValueError(f"--resume {resume_path}: {error}") from None
     except (ValueError, FileNotFoundError, TypeError) as error:  # TypeError: get_model_params' values
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -174,7 +174,12 @@ class MpiTransport(Transport):
             raise failure
 
     def send_many(self, messages: Sequence[Message], timeout: Optional[float] = None) -> Dict[int, Exception]:
-        pending = {m.receiver_id: self._post(m) for m in messages}
+        pending: Dict[int, Tuple[List[MPI.Request], List[torch.Tensor]]] = {}
+        for message in messages:  # posted in order: MPI delivers a receiver's messages in that order
+            requests, buffers = self._post(message)
+            posted = pending.setdefault(message.receiver_id, ([], []))
+            posted[0].extend(requests)
+            posted[1].extend(buffers)
         failures: Dict[int, Exception] = {}
 
         def all_done() -> bool:

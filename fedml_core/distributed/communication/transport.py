@@ -48,14 +48,16 @@ class Transport(ABC):
         """
 
     def send_many(self, messages: Sequence[Message], timeout: Optional[float] = None) -> Dict[int, Exception]:
-        """Deliver several messages (to distinct receivers) concurrently.
+        """Deliver several messages concurrently: those to one receiver in their order.
 
         Waits at most ``timeout`` seconds in all. A receiver that cannot be reached in
         time, or that has died, does not stop the others: returns ``{receiver_id:
-        error}`` for the messages that were not delivered (empty when all were).
+        error}`` for the receivers not delivered all their messages (empty when all were).
         """
         failures: Dict[int, Exception] = {}
         for message in messages:
+            if message.receiver_id in failures:
+                continue
             try:
                 self.send(message, timeout)
             except (TransportTimeout, PeerFailure) as error:
