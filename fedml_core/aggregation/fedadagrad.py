@@ -19,5 +19,5 @@ class FedAdagrad(FedOpt):
     def __init__(self, server_lr: float = 0.1, beta1: float = 0.9, tau: float = 1e-9, max_buffered_updates: Optional[int] = None) -> None:
         super().__init__(server_lr, beta1, 0.0, tau, max_buffered_updates)
 
-    def second_moment(self, v: torch.Tensor, delta_squared: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return torch.add(v, delta_squared, out=out)
+    def second_moment(self, v: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(v, delta, delta, out=out)  # square and sum in one pass

@@ -21,5 +21,5 @@ class FedAdam(FedOpt):
                  max_buffered_updates: Optional[int] = None) -> None:
         super().__init__(server_lr, beta1, beta2, tau, max_buffered_updates)
 
-    def second_moment(self, v: torch.Tensor, delta_squared: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return torch.lerp(v, delta_squared, 1 - self.beta2, out=out)
+    def second_moment(self, v: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.lerp(v, delta.mul_(delta), 1 - self.beta2, out=out)

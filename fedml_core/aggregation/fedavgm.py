@@ -38,6 +38,6 @@ class FedAvgM(ServerOptimizer):
         self.server_lr, self.server_momentum = server_lr, server_momentum
 
     def step(self, mean: torch.Tensor, x: torch.Tensor, old: StateSlices, new: StateSlices) -> None:
-        delta = torch.sub(mean, x, out=self.scratch(0, mean))
+        delta = mean.sub_(x)  # in place: a temporary of its own would take cache
         momentum = torch.add(delta, old["momentum"], alpha=self.server_momentum, out=new["momentum"])
         torch.add(x, momentum, alpha=self.server_lr, out=mean)

@@ -43,13 +43,16 @@ class FedOpt(ServerOptimizer):
     def initial_state(self, name: str) -> float:
         return self.tau ** 2 if name == "v" else 0.0
 
-    def second_moment(self, v: torch.Tensor, delta_squared: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Write the new ``v`` into ``out`` (``delta_squared`` may be overwritten)."""
+    def second_moment(self, v: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write the new ``v`` into ``out`` from the old ``v`` and ``delta`` (which may be
+        overwritten, and ``out`` used as a temporary first)."""
         raise NotImplementedError
 
     def step(self, mean: torch.Tensor, x: torch.Tensor, old: StateSlices, new: StateSlices) -> None:
-        delta = torch.sub(mean, x, out=self.scratch(0, mean))
+        # Every temporary lives in ``mean`` or ``new``: separate ones would take cache
+        # from the step's arrays. Each op streams the block once (their count is the cost).
+        delta = mean.sub_(x)
         m = torch.lerp(old["m"], delta, 1 - self.beta1, out=new["m"])
-        v = self.second_moment(old["v"], delta.mul_(delta), out=new["v"])
-        denominator = torch.sqrt(v, out=delta).add_(self.tau)
+        v = self.second_moment(old["v"], delta, out=new["v"])
+        denominator = torch.sqrt(v, out=mean).add_(self.tau)
         torch.addcdiv(x, m, denominator, value=self.server_lr, out=mean)

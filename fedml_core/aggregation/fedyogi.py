@@ -21,6 +21,7 @@ class FedYogi(FedOpt):
                  max_buffered_updates: Optional[int] = None) -> None:
         super().__init__(server_lr, beta1, beta2, tau, max_buffered_updates)
 
-    def second_moment(self, v: torch.Tensor, delta_squared: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        sign = torch.sub(v, delta_squared, out=self.scratch(1, v)).sign_()
+    def second_moment(self, v: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        delta_squared = delta.mul_(delta)
+        sign = torch.sub(v, delta_squared, out=out).sign_()  # the new v's memory as the temporary
         return torch.addcmul(v, delta_squared, sign, value=-(1 - self.beta2), out=out)

@@ -8,23 +8,23 @@ moments), elementwise. :class:`ServerOptimizer` runs that step on each cache-siz
 block of the mean inside the averaging pass itself (see
 :meth:`~fedml_core.aggregation.fedavg.WeightedMeanAccumulator.result`), so it reads
 the model and the optimizer state once and costs no pass of its own over the updates.
+It runs on a whole block at a time (one call per contiguous run of updated tensors in
+it): each torch op costs a fixed few microseconds of Python and a turn at the GIL,
+which the worker threads share, and on smaller pieces those costs outweighed keeping
+the step's arrays in the core's own cache (see docs/BENCHMARKS.md).
 Buffers (BatchNorm statistics, counters) take the weighted mean, as in FedAvg.
 """
 from __future__ import annotations
 
 import bisect
-import threading
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from ..distributed.communication.packed_tensors import BufferPool, PackedTensors, dtype_from_name, dtype_name
-from .fedavg import BLOCK_ELEMENTS, WeightedMeanAccumulator, _accumulator_dtype
+from .fedavg import WeightedMeanAccumulator, _accumulator_dtype
 from .partial_sums import PartialSumAccumulator
 from .strategy import AggregationStrategy, ClientUpdate, FederationInfo
-
-# Elements of one step() call: 64 Ki float32 = 256 KiB per array (about six arrays live).
-STEP_ELEMENTS = 1 << 16
 
 Run = Tuple[int, int, int]  # offset in the model's dtype buffer, offset in the state vector, length
 StateSlices = Dict[str, torch.Tensor]
@@ -55,7 +55,6 @@ class ServerOptimizer(AggregationStrategy):
         # dtype, the current, the next, one being written and a spare.
         self._pool = BufferPool(max_buffers=4 * len(self.state_names) * 4 or 1)
         self._x: Optional[PackedTensors] = None
-        self._scratch = threading.local()
         self.federation: Optional[FederationInfo] = None
 
     # -- what subclasses define -----------------------------------------------------
@@ -73,21 +72,13 @@ class ServerOptimizer(AggregationStrategy):
         """Write the new model into ``mean`` (which holds the weighted mean of the
         client states) from it, the old model ``x`` (do not modify) and the old state
         ``old[name]``; write the new state into ``new[name]``. All are 1-D slices of one
-        length, a piece of one cache-sized block; ``mean`` and the state vectors are
-        float32 (float64 for float64 models), ``x`` has the model's dtype."""
+        length, within one cache-sized block; ``mean`` and the state vectors are
+        float32 (float64 for float64 models), ``x`` has the model's dtype. ``mean`` and
+        ``new`` may serve as temporaries on the way (a separate temporary would take
+        cache from the step's own arrays), ``x`` and ``old`` may not: a block's step
+        may be run again from them (see
+        :meth:`~fedml_core.aggregation.fedavg.WeightedMeanAccumulator.result`)."""
         raise NotImplementedError
-
-    def scratch(self, index: int, like: torch.Tensor) -> torch.Tensor:
-        """Temporary number ``index`` for :meth:`step`, shaped like ``like``: memory of
-        the calling thread, reused block after block (a fresh block-sized temporary
-        would page-fault on every block)."""
-        buffers = getattr(self._scratch, "buffers", None)
-        if buffers is None:
-            buffers = self._scratch.buffers = {}
-        buffer = buffers.get((index, like.dtype))
-        if buffer is None or buffer.numel() < like.numel():
-            buffer = buffers[(index, like.dtype)] = torch.empty(max(like.numel(), BLOCK_ELEMENTS), dtype=like.dtype)
-        return buffer[:like.numel()]
 
     def updated_names(self, global_model: PackedTensors, trainable: Sequence[str]) -> List[str]:
         """The tensors :meth:`step` applies to (default: the trainable floating-point ones)."""
@@ -137,7 +128,8 @@ class ServerOptimizer(AggregationStrategy):
         return dict(self._accumulator.rejected)
 
     def finish_block(self, dtype: torch.dtype, start: int, block: torch.Tensor) -> None:
-        """Apply :meth:`step` to the pieces of ``block`` that are updated tensors."""
+        """Apply :meth:`step` to the pieces of ``block`` that are updated tensors: one
+        call per run of adjacent updated tensors, in the block while it is in cache."""
         runs = self._runs.get(dtype)
         if not runs:
             return
@@ -147,14 +139,11 @@ class ServerOptimizer(AggregationStrategy):
         for offset, state_offset, length in runs[first:]:
             if offset >= end:
                 break
-            # In pieces small enough that the step's inputs, outputs and temporaries
-            # stay in the core's own cache together.
-            for lo in range(max(offset, start), min(offset + length, end), STEP_ELEMENTS):
-                hi = min(lo + STEP_ELEMENTS, offset + length, end)
-                at = state_offset + lo - offset
-                self.step(block[lo - start:hi - start], x[lo:hi],
-                          {name: vectors[dtype][at:at + hi - lo] for name, vectors in self._state.items()},
-                          {name: vectors[dtype][at:at + hi - lo] for name, vectors in self._next.items()})
+            lo, hi = max(offset, start), min(offset + length, end)
+            at = state_offset + lo - offset
+            self.step(block[lo - start:hi - start], x[lo:hi],
+                      {name: vectors[dtype][at:at + hi - lo] for name, vectors in self._state.items()},
+                      {name: vectors[dtype][at:at + hi - lo] for name, vectors in self._next.items()})
 
     def state_dict(self) -> Dict[str, Any]:
         return {"state": {name: {dtype_name(dtype): v for dtype, v in vectors.items()} for name, vectors in self._state.items()}}
