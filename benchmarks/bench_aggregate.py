@@ -1,6 +1,7 @@
 """FedAvg of K ResNet18 states through the framework, against this machine's memcpy.
 
     .venv/bin/python benchmarks/bench_aggregate.py [--clients 10] [--reps 15] [--threads N]
+        [--strategy-reps 7] [--strategies FedAvgM,FedAdam]
 
 Builds K = ``--clients`` distinct states of ``ResNet18(width=64)`` (the initial state
 plus per-client noise; ``num_batches_tracked`` differs per client), packs each with
@@ -25,9 +26,12 @@ repetition. The framework's result is checked against a float64 reference
 
 Then every registered strategy's server step (``configure_round``, ``add`` x K and
 ``aggregate``, as one server round runs them) is timed the same way on the same K
-states, interleaved with FedAvg's, and reported as a ratio to FedAvg's median
+states, interleaved with FedAvg's, and reported as a ratio to FedAvg's median and minimum
 (``--strategy-reps`` repetitions each; SCAFFOLD gets per-client control variates,
-FedNova step counts, as their clients send).
+FedNova step counts, as their clients send; ``--strategies`` picks some). The median
+CPU time of the process's threads per round (``time.process_time``) is reported too:
+on a shared machine it varies far less than the wall time, which waits whenever
+another program holds a core one of the aggregation's threads needs.
 
 The last line is ``aggregation_bandwidth_fraction=<achieved / memcpy>``.
 """
@@ -38,7 +42,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -103,8 +107,10 @@ def check_against_float64(result: PackedTensors, states: Sequence[TensorDict], s
             assert torch.equal(got, want.round().to(got.dtype)), f"{name}: wrong rounded weighted mean"
 
 
-def time_interleaved(cases: Dict[str, Callable[[], object]], reps: Dict[str, int], warmup: int) -> Dict[str, List[float]]:
-    """Seconds per call of every case, rep by rep in rotating order, after ``warmup`` calls."""
+def time_interleaved(cases: Dict[str, Callable[[], object]], reps: Dict[str, int], warmup: int,
+                     cpu: Optional[Dict[str, List[float]]] = None) -> Dict[str, List[float]]:
+    """Seconds per call of every case, rep by rep in rotating order, after ``warmup`` calls
+    (and, into ``cpu`` if given, the CPU seconds of this process's threads per call)."""
     names = list(cases)
     times: Dict[str, List[float]] = {name: [] for name in names}
     for rep in range(warmup + max(reps.values())):
@@ -112,10 +118,12 @@ def time_interleaved(cases: Dict[str, Callable[[], object]], reps: Dict[str, int
         for name in names[shift:] + names[:shift]:
             if rep >= warmup + reps[name]:
                 continue
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             cases[name]()
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
+                if cpu is not None:
+                    cpu.setdefault(name, []).append(time.process_time() - start_cpu)
     return times
 
 
@@ -195,15 +203,17 @@ def main() -> None:
     cases = strategy_cases(packed, sample_numbers, global_model, trainable)
     if args.strategies:
         cases = {name: cases[name] for name in ["FedAvg", *args.strategies.split(",")]}
-    times = time_interleaved(cases, {name: args.strategy_reps for name in cases}, warmup=1)
-    fedavg = statistics.median(times["FedAvg"])
+    cpu: Dict[str, List[float]] = {}
+    times = time_interleaved(cases, {name: args.strategy_reps for name in cases}, warmup=1, cpu=cpu)
+    fedavg, fastest_fedavg, fedavg_cpu = statistics.median(times["FedAvg"]), min(times["FedAvg"]), statistics.median(cpu["FedAvg"])
     print()
     print(f"server step of each strategy, K={args.clients} updates ({args.strategy_reps} reps, interleaved)")
-    fastest_fedavg = min(times["FedAvg"])
-    print(f"{'strategy':16s} {'median ms':>10s} {'min ms':>10s} {'x FedAvg (median)':>18s} {'x FedAvg (min)':>15s}")
+    print(f"{'strategy':16s} {'median ms':>10s} {'min ms':>10s} {'x FedAvg (median)':>18s} {'x FedAvg (min)':>15s} "
+          f"{'CPU ms':>8s} {'x FedAvg (CPU)':>15s}")
     for name, t in times.items():
         print(f"{name:16s} {statistics.median(t) * 1e3:10.2f} {min(t) * 1e3:10.2f} "
-              f"{statistics.median(t) / fedavg:18.2f} {min(t) / fastest_fedavg:15.2f}")
+              f"{statistics.median(t) / fedavg:18.2f} {min(t) / fastest_fedavg:15.2f} "
+              f"{statistics.median(cpu[name]) * 1e3:8.2f} {statistics.median(cpu[name]) / fedavg_cpu:15.2f}")
     print()
     print(f"aggregation_bandwidth_fraction={achieved / memcpy_bandwidth:.3f}")
 
