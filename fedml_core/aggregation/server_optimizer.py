@@ -9,7 +9,7 @@ block of the mean inside the averaging pass itself (see
 :meth:`~fedml_core.aggregation.fedavg.WeightedMeanAccumulator.result`), so it reads
 the model and the optimizer state once and costs no pass of its own over the updates.
 It runs on a whole block at a time (one call per contiguous run of updated tensors in
-it): each torch op costs a fixed few microseconds of Python and a turn at the GIL,
+it): each torch op costs a few microseconds of Python and a turn at the GIL,
 which the worker threads share, and on smaller pieces those costs outweighed keeping
 the step's arrays in the core's own cache (see docs/BENCHMARKS.md).
 Buffers (BatchNorm statistics, counters) take the weighted mean, as in FedAvg.
