@@ -28,7 +28,35 @@ class ServerLost(RuntimeError):
     """The server (process 0) died: this client has nobody to work for."""
 
 
-class FedAVGClientManager(ClientManager):
+class ServerWorkManager(ClientManager):
+    """What every process serving the server shares: it ends when told to finish, and
+    stops (:class:`ServerLost`) when the server dies.
+
+    Attributes:
+        finalize: set by the server's finish message: whether the job ends with MPI_Finalize.
+    """
+
+    #: This process's kind, in log lines.
+    role = "client"
+
+    def __init__(self, args: Namespace, transport: Transport) -> None:
+        super().__init__(args, transport)
+        self.finalize = True
+
+    def handle_message_finish(self, msg: Message) -> None:
+        logging.info("%s %d: finished", self.role, self.rank)
+        self.finalize = bool(msg.params.get(MyMessage.MSG_ARG_KEY_FINALIZE, True))
+        self.finish()
+
+    def on_peer_failure(self, ranks) -> None:
+        for rank in ranks:
+            self.transport.abandon(rank)
+        if 0 in ranks:
+            raise ServerLost(f"{self.role} {self.rank}: the server (process 0) died; stopping")
+        # Another client or worker died: nothing to do with us.
+
+
+class FedAVGClientManager(ServerWorkManager):
     """Trains when sent a model, tests when asked, stops when told to finish.
 
     Args:
@@ -38,8 +66,6 @@ class FedAVGClientManager(ClientManager):
     def __init__(self, args: Namespace, trainer: FedAVGTrainer, transport: Transport, algorithm: str = "FedAvg") -> None:
         super().__init__(args, transport)
         self.trainer = trainer
-        # Set by the server's finish message: whether the job ends with MPI_Finalize.
-        self.finalize = True
         self.algorithm = algorithm
         self._round_tensors: Dict[int, Dict[str, torch.Tensor]] = {}  # round: extra tensors sent before its model
         # Every model this client receives is loaded into its model at once: with the
@@ -132,17 +158,6 @@ class FedAVGClientManager(ClientManager):
         reply.add_params(MyMessage.MSG_ARG_KEY_TEST_SECONDS, seconds)
         self.send_message(reply)
 
-    def handle_message_finish(self, msg: Message) -> None:
-        logging.info("client %d: finished", self.rank)
-        self.finalize = bool(msg.params.get(MyMessage.MSG_ARG_KEY_FINALIZE, True))
-        self.finish()
-
-    def on_peer_failure(self, ranks) -> None:
-        for rank in ranks:
-            self.transport.abandon(rank)
-        if 0 in ranks:
-            raise ServerLost(f"client {self.rank}: the server (process 0) died; stopping")
-        # Another client died: nothing to do with us.
 
 
 def report_failure(transport: Transport, reason: str) -> None:

@@ -39,6 +39,8 @@ class FedAvgPoolServerManager(FedAVGServerManager):
     proves it back. With no worker left, the run stops (:class:`FederationError`).
     """
 
+    process_noun = "worker"
+
     def __init__(self, args: Namespace, aggregator: FedAVGAggregator, transport: Transport, recorder,
                  resume_from: Optional[ServerCheckpoint] = None) -> None:
         super().__init__(args, aggregator, transport, recorder, resume_from)
@@ -202,18 +204,8 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         self._maybe_end_phase()
 
     # -- failures ----------------------------------------------------------------
-    def _expected(self, msg: Message, phase: str) -> bool:
-        sender = msg.get_sender_id()
-        if self._phase == phase and msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX) == self.round_idx and sender in self._waiting:
-            return True
-        if sender in self.lost_workers:
-            logging.warning("server: worker %d is back (late reply for round %s); it may be given clients again",
-                            sender, msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX))
-            del self.lost_workers[sender]
-            self._record.setdefault("recovered_workers", []).append(sender)
-        else:
-            logging.warning("server: ignoring an unexpected message from worker %d", sender)
-        return False
+    def _given_up_on(self) -> Dict[int, str]:
+        return self.lost_workers
 
     def handle_message_client_failed(self, msg: Message) -> None:
         """A worker stopped on an error outside its clients' code: let it go; its clients

@@ -62,6 +62,9 @@ class FedAVGServerManager(ServerManager):
         resume_from: continue after this checkpoint's round instead of starting at 0.
     """
 
+    #: What each process other than the server is, in log lines and records.
+    process_noun = "client"
+
     def __init__(self, args: Namespace, aggregator: FedAVGAggregator, transport: Transport, recorder,
                  resume_from: Optional[ServerCheckpoint] = None) -> None:
         super().__init__(args, transport)
@@ -296,14 +299,19 @@ class FedAVGServerManager(ServerManager):
         sender = msg.get_sender_id()
         if self._phase == phase and msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX) == self.round_idx and sender in self._waiting:
             return True
-        if sender in self.failed:
-            logging.warning("server: client %d is back (late reply for round %s); it may be sampled again",
-                            sender, msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX))
-            del self.failed[sender]
-            self._record.setdefault("recovered_clients", []).append(sender)
+        given_up = self._given_up_on()
+        if sender in given_up:
+            logging.warning("server: %s %d is back (late reply for round %s); it may be given work again",
+                            self.process_noun, sender, msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX))
+            del given_up[sender]
+            self._record.setdefault(f"recovered_{self.process_noun}s", []).append(sender)
         else:
-            logging.warning("server: ignoring an unexpected message from client %d", sender)
+            logging.warning("server: ignoring an unexpected message from %s %d", self.process_noun, sender)
         return False
+
+    def _given_up_on(self) -> Dict[int, str]:
+        """The processes marked failed (here: clients), which a late reply brings back."""
+        return self.failed
 
     def handle_message_client_failed(self, msg: Message) -> None:
         """A client's code raised: it stops. Record why and let it go (it waits for this

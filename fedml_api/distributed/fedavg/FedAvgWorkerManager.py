@@ -12,7 +12,6 @@ import torch
 from fedml_core.aggregation import AggregationStrategy
 from fedml_core.aggregation.partial_sums import PartialSum
 from fedml_core.aggregation.registry import client_algorithms
-from fedml_core.distributed.client.client_manager import ClientManager
 from fedml_core.distributed.communication.message import Message
 from fedml_core.distributed.communication.packed_tensors import PackedTensors
 from fedml_core.distributed.communication.transport import Transport
@@ -21,11 +20,11 @@ from fedml_core.trainer.model_trainer import ModelTrainer
 from .algorithm_messages import received_tensors, tensors_message
 from .client_assignment import client_share
 from .FedAVGTrainer import FedAVGTrainer, UserCodeError
-from .FedAvgClientManager import ServerLost
+from .FedAvgClientManager import ServerWorkManager
 from .message_define import MyMessage
 
 
-class FedAvgWorkerManager(ClientManager):
+class FedAvgWorkerManager(ServerWorkManager):
     """Trains and tests the clients the server assigns it, in one model's memory.
 
     Every client starts from the round's global model (loaded with the trainer's
@@ -47,13 +46,14 @@ class FedAvgWorkerManager(ClientManager):
             for the ``--attackers``).
     """
 
+    role = "worker"
+
     def __init__(self, args: Namespace, transport: Transport, model_trainer: ModelTrainer, device: torch.device,
                  strategy: AggregationStrategy) -> None:
         super().__init__(args, transport)
         self.model_trainer = model_trainer
         self.device = device
         self.strategy = strategy
-        self.finalize = True  # set by the server's finish message
         self.sample_numbers: Dict[int, Tuple[int, int]] = {}
         self._state: Optional[PackedTensors] = None  # reused packing buffer of one client's trained state
         self._client_tensors: Dict[int, Dict[str, torch.Tensor]] = {}  # client: extra tensors sent for this round
@@ -190,14 +190,3 @@ class FedAvgWorkerManager(ClientManager):
         reply.add_params(MyMessage.MSG_ARG_KEY_FAILURES, failures)
         reply.add_params(MyMessage.MSG_ARG_KEY_SECONDS, time.perf_counter() - start)
         self.send_message(reply)
-
-    def handle_message_finish(self, msg: Message) -> None:
-        logging.info("worker %d: finished", self.rank)
-        self.finalize = bool(msg.params.get(MyMessage.MSG_ARG_KEY_FINALIZE, True))
-        self.finish()
-
-    def on_peer_failure(self, ranks) -> None:
-        for rank in ranks:
-            self.transport.abandon(rank)
-        if 0 in ranks:
-            raise ServerLost(f"worker {self.rank}: the server (process 0) died; stopping")
