@@ -1,6 +1,7 @@
 """--worker_processes: CLIENT_NUM clients served by P worker processes (in-process
 transport; the MPI runs, a dead worker included, are in test_worker_processes_mpi.py)."""
 import json
+import time
 
 import pytest
 import torch
@@ -144,3 +145,26 @@ def test_the_process_count_must_be_the_workers_plus_the_server(tmp_path):
     with pytest.raises(ValueError, match="5 processes run, but --worker_processes 3 takes 4"):
         FedML_FedAvg_distributed(0, 5, torch.device("cpu"), None, make_model(), args, "", "",
                                  WeightedMeanResultAggregator(), TinyTrainer(make_model()))
+
+
+class SlowToCountTrainer(TinyTrainer):
+    """Counting client 2's samples takes 2 s: its worker misses a 0.5 s start-up timeout."""
+
+    def get_local_sample_number(self, train_path):
+        if train_path.rstrip("/").split("/")[-2] == "2":
+            time.sleep(2)
+        return super().get_local_sample_number(train_path)
+
+
+def test_a_worker_late_at_start_up_gets_its_clients_back_when_it_reports(tmp_path):
+    _, run_dir, errors = run_federation(tmp_path, clients=4, per_round=4, rounds=6, test_every=6, workers=2,
+                                        extra=["--startup_timeout", "0.5"], trainer_factory=SlowToCountTrainer, train_delay=0.5)
+    assert not errors
+    records = records_of(run_dir)
+    # worker 2 (clients 2 and 4) had not reported: the first rounds ran without them
+    assert records[0]["sampled_clients"] == [1, 3] and "2" in records[0]["lost_workers"]
+    assert records[0]["failures"]["2"].startswith("its sample numbers were never counted")
+    # once it reported, it and its clients were back
+    assert records[-1]["sampled_clients"] == [1, 2, 3, 4]
+    assert set(records[-1]["assignments"]["train"]) == {"1", "2"}
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from argparse import Namespace
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from fedml_core.aggregation import InvalidUpdate, check_layout
 from fedml_core.aggregation.partial_sums import received_partial_sum
@@ -17,6 +17,8 @@ from .client_assignment import assign_clients
 from .FedAVGAggregator import FedAVGAggregator
 from .FedAvgServerManager import FederationError, FedAVGServerManager, release_clients
 from .message_define import MyMessage
+
+NEVER_COUNTED = "its sample numbers were never counted: its worker process did not start in time"
 
 
 class FedAvgPoolServerManager(FedAVGServerManager):
@@ -47,7 +49,7 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         self.workers = list(range(1, args.worker_processes + 1))
         self.lost_workers: Dict[int, str] = {}
         #: client -> (training samples, test samples), as the workers counted them at start-up.
-        self.sample_numbers: Dict[int, tuple] = {}
+        self.sample_numbers: Dict[int, Tuple[int, int]] = {}
         self._assigned: Dict[int, List[int]] = {}  # worker -> its clients in the current phase
         self._arrived: set = set()  # clients whose own update arrived in this phase (algorithms without partial sums)
         self._partial_sums = aggregator.strategy.accepts_partial_sums
@@ -72,14 +74,16 @@ class FedAvgPoolServerManager(FedAVGServerManager):
 
     def handle_message_worker_ready(self, msg: Message) -> None:
         sender = msg.get_sender_id()
+        for client, numbers in _by_client(msg.get(MyMessage.MSG_ARG_KEY_SAMPLE_NUMBERS)).items():
+            self.sample_numbers[client] = (int(numbers[0]), int(numbers[1]))
+            if self.failed.get(client) == NEVER_COUNTED:  # its worker is late, not gone
+                del self.failed[client]
+        for client, reason in _by_client(msg.get(MyMessage.MSG_ARG_KEY_FAILURES)).items():
+            self._client_failed(client, reason)
         if self._phase != "startup":
             # Ready only after we gave up on it: it is back for later rounds.
             self.lost_workers.pop(sender, None)
             return
-        for client, numbers in _by_client(msg.get(MyMessage.MSG_ARG_KEY_SAMPLE_NUMBERS)).items():
-            self.sample_numbers[client] = (int(numbers[0]), int(numbers[1]))
-        for client, reason in _by_client(msg.get(MyMessage.MSG_ARG_KEY_FAILURES)).items():
-            self._client_failed(client, reason)
         self._waiting.discard(sender)
         self._maybe_end_phase()
 
@@ -88,7 +92,7 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         # A worker that never reported at start-up left its share's clients uncounted: they cannot be assigned.
         for client in self.available_clients():
             if client not in self.sample_numbers:
-                self._client_failed(client, "its sample numbers were never counted: its worker process did not start")
+                self._client_failed(client, NEVER_COUNTED)
         super()._start_round()
 
     def _require_workers(self) -> None:
