@@ -60,3 +60,47 @@ def test_a_positional_with_a_leading_zero_is_refused_not_read_as_octal(fake, pos
                             capture_output=True, text=True, timeout=60, start_new_session=True)
     assert result.returncode == 2 and "must be a positive integer" in result.stderr, result.stderr
     assert not mark.exists()
+
+
+ARGS_MPIRUN = """#!/bin/sh
+printf '%s\\n' "$@" > "$FAKE_MARK"
+printf '0\\n' > "$FEDML_STATUS_FILE"
+"""
+
+
+def launch_with_hostfile(tmp_path, hostfile, *options):
+    """The launcher with CLIENT_NUM 10, against a fake mpirun that records its arguments."""
+    mpirun = tmp_path / "mpirun"
+    mpirun.write_text(ARGS_MPIRUN)
+    mpirun.chmod(0o755)
+    experiment = tmp_path / "exp"
+    experiment.mkdir()
+    (experiment / "mpi_host_file").write_text(hostfile)
+    mark = tmp_path / "args"
+    environment = {**os.environ, "FEDML_PREFLIGHT": "0", "MPIRUN": str(mpirun), "FAKE_MARK": str(mark)}
+    result = subprocess.run(["sh", str(LAUNCHER), str(experiment), "10", "4", "1", *options], env=environment,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, start_new_session=True)
+    return result, mark.read_text().splitlines() if mark.exists() else None
+
+
+@pytest.mark.parametrize("option", [["--worker_processes", "auto"], ["--worker_processes=auto"]])
+def test_worker_processes_auto_takes_the_workers_from_the_hostfile(tmp_path, option):
+    result, mpirun_args = launch_with_hostfile(tmp_path, "localhost slots=4\n", *option)
+    assert result.returncode == 0, result.stderr
+    assert "--worker_processes auto: 3 workers" in result.stderr
+    assert mpirun_args[mpirun_args.index("-np") + 1] == "4"
+    given = mpirun_args[mpirun_args.index("./main_fedavg.py"):]
+    assert ("--worker_processes" in given and given[given.index("--worker_processes") + 1] == "3") or "--worker_processes=3" in given
+    assert "auto" not in given
+
+
+def test_worker_processes_auto_needs_a_hostfile_that_sizes_the_job(tmp_path):
+    result, mpirun_args = launch_with_hostfile(tmp_path, "localhost\n", "--worker_processes", "auto")
+    assert result.returncode == 2 and "does not size the job" in result.stderr, result.stderr
+    assert mpirun_args is None
+
+
+def test_a_worker_count_above_client_num_is_refused_before_launch(tmp_path):
+    result, mpirun_args = launch_with_hostfile(tmp_path, "localhost\n", "--worker_processes", "11")
+    assert result.returncode == 2 and "between 1 and CLIENT_NUM (10) or auto, got '11'" in result.stderr, result.stderr
+    assert mpirun_args is None

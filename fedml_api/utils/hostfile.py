@@ -139,13 +139,21 @@ def is_local_host(host: str) -> bool:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``HOSTFILE PROCESS_NUM``: print the comma-separated host of each process id."""
+    """``HOSTFILE PROCESS_NUM``: print the comma-separated host of each process id;
+    ``--count HOSTFILE``: print how many processes the hostfile holds."""
     parser = argparse.ArgumentParser(description="Print the host of each process id, as mpirun's --host list.")
+    parser.add_argument("--count", action="store_true", help="print the number of processes the hostfile holds instead")
     parser.add_argument("hostfile", type=Path)
-    parser.add_argument("process_num", type=int)
+    parser.add_argument("process_num", type=int, nargs="?")
     args = parser.parse_args(argv)
+    if not args.count and args.process_num is None:
+        parser.error("PROCESS_NUM is required (or --count)")
     try:
-        placement = place_processes(read_hostfile(args.hostfile), args.process_num, source=str(args.hostfile))
+        entries = read_hostfile(args.hostfile)
+        if args.count:
+            print(total_processes(entries))
+            return 0
+        placement = place_processes(entries, args.process_num, source=str(args.hostfile))
     except HostfileError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

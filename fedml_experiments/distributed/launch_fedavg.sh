@@ -54,25 +54,6 @@ case "$GRACE" in
 esac
 while case "$GRACE" in 0?*) true ;; *) false ;; esac; do GRACE=${GRACE#0}; done  # 08 is not octal here
 
-# With --worker_processes P, P workers serve the CLIENT_NUM clients: P + 1 processes.
-WORKER_PROCESSES=
-PREVIOUS=
-for arg do
-    case "$PREVIOUS:$arg" in
-        --worker_processes:*) WORKER_PROCESSES=$arg ;;
-        *:--worker_processes=*) WORKER_PROCESSES=${arg#*=} ;;
-    esac
-    PREVIOUS=$arg
-done
-if [ -n "$WORKER_PROCESSES" ]; then
-    is_positive_int "$WORKER_PROCESSES" && [ "$WORKER_PROCESSES" -le "$CLIENT_NUM" ] || {
-        echo "error: --worker_processes must be a whole number between 1 and CLIENT_NUM ($CLIENT_NUM), got '$WORKER_PROCESSES'" >&2
-        exit 2
-    }
-    PROCESS_NUM=$((WORKER_PROCESSES + 1))
-else
-    PROCESS_NUM=$((CLIENT_NUM + 1))
-fi
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
 MPIRUN=${MPIRUN:-mpirun}
@@ -93,6 +74,38 @@ done
 # Only the shipped default, one local host line without slots=, means "every process on
 # this machine"; any other hostfile must hold the run's processes, on one host or many.
 SIZED=$(sed -e 's/#.*//' "$HOSTFILE" | awk 'NF { lines++; if (NF > 1) sized = 1 } END { print (lines > 1 || sized) ? "yes" : "no" }')
+# With --worker_processes P, P workers serve the CLIENT_NUM clients: P + 1 processes.
+# "--worker_processes auto" takes P from a hostfile that sizes the job (its processes
+# minus the server's, at most CLIENT_NUM), and passes main_fedavg.py that number.
+WORKER_PROCESSES=
+PREVIOUS=
+for arg do
+    case "$PREVIOUS:$arg" in
+        --worker_processes:*) WORKER_PROCESSES=$arg ;;
+        *:--worker_processes=*) WORKER_PROCESSES=${arg#*=} ;;
+    esac
+    PREVIOUS=$arg
+done
+if [ "$WORKER_PROCESSES" = auto ]; then
+    if [ "$SIZED" = no ] && [ "$ONLY_LOCAL" = yes ]; then
+        echo "error: --worker_processes auto takes the number of workers from the hostfile's processes, but $HOSTFILE" \
+             "does not size the job (one local host without slots=): give a number, or a hostfile with slots" >&2
+        exit 2
+    fi
+    SLOTS=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m fedml_api.utils.hostfile --count "$HOSTFILE") || exit 2
+    WORKER_PROCESSES=$((SLOTS - 1 < CLIENT_NUM ? SLOTS - 1 : CLIENT_NUM))
+    [ "$WORKER_PROCESSES" -ge 1 ] || { echo "error: $HOSTFILE holds $SLOTS process(es): the server and at least one worker need 2" >&2; exit 2; }
+    echo "launcher: --worker_processes auto: $WORKER_PROCESSES workers ($HOSTFILE holds $SLOTS processes)" >&2
+fi
+if [ -n "$WORKER_PROCESSES" ]; then
+    is_positive_int "$WORKER_PROCESSES" && [ "$WORKER_PROCESSES" -le "$CLIENT_NUM" ] || {
+        echo "error: --worker_processes must be a whole number between 1 and CLIENT_NUM ($CLIENT_NUM) or auto, got '$WORKER_PROCESSES'" >&2
+        exit 2
+    }
+    PROCESS_NUM=$((WORKER_PROCESSES + 1))
+else
+    PROCESS_NUM=$((CLIENT_NUM + 1))
+fi
 if [ "$SIZED" = yes ] || [ "$ONLY_LOCAL" = no ]; then
     PLACEMENT=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m fedml_api.utils.hostfile "$HOSTFILE" "$PROCESS_NUM") || exit 2
 fi
@@ -101,12 +114,18 @@ fi
 # in EXP_DIR: make them absolute (the same absolute path then holds on every host).
 absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$PWD/$1" ;; esac; }
 PATH_VALUE_NEXT=
+PREVIOUS=
 for arg do
     shift
     if [ -n "$PATH_VALUE_NEXT" ]; then
         arg=$(absolute "$arg")
         PATH_VALUE_NEXT=
     fi
+    case "$arg" in
+        --worker_processes=auto) arg="--worker_processes=$WORKER_PROCESSES" ;;
+        auto) [ "$PREVIOUS" = --worker_processes ] && arg=$WORKER_PROCESSES ;;
+    esac
+    PREVIOUS=$arg
     case "$arg" in
         --data_path|--run_dir|--resume|--model_def|--pretrained_weights) PATH_VALUE_NEXT=$arg ;;
         --data_path=*|--run_dir=*|--resume=*|--model_def=*|--pretrained_weights=*)
