@@ -104,3 +104,27 @@ def test_a_worker_count_above_client_num_is_refused_before_launch(tmp_path):
     result, mpirun_args = launch_with_hostfile(tmp_path, "localhost\n", "--worker_processes", "11")
     assert result.returncode == 2 and "between 1 and CLIENT_NUM (10) or auto, got '11'" in result.stderr, result.stderr
     assert mpirun_args is None
+
+
+def test_sigterm_to_the_launcher_stops_the_job_and_exits_143(tmp_path):
+    mpirun = tmp_path / "mpirun"
+    mpirun.write_text('#!/bin/sh\necho $$ > "$FAKE_MARK"\nexec sleep 60\n')  # a job that never ends by itself
+    mpirun.chmod(0o755)
+    experiment = tmp_path / "exp"
+    experiment.mkdir()
+    (experiment / "mpi_host_file").write_text("localhost\n")
+    mark = tmp_path / "pid"
+    environment = {**os.environ, "FEDML_PREFLIGHT": "0", "MPIRUN": str(mpirun), "FAKE_MARK": str(mark)}
+    launcher = subprocess.Popen(["sh", str(LAUNCHER), str(experiment), "2", "2", "1"], env=environment, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (mark.exists() and mark.read_text().strip()):
+        assert time.monotonic() < deadline and launcher.poll() is None
+        time.sleep(0.05)
+    job = int(mark.read_text())
+    launcher.send_signal(15)
+    _, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode == 143 and "interrupted; stopping the job" in stderr, stderr
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(job, 0)

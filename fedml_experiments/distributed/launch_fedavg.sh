@@ -195,14 +195,9 @@ rm -f "$STATUS_FILE"  # the server creates it when it is done
 export FEDML_STATUS_FILE="$STATUS_FILE"
 
 cd "$EXP_DIR"
-# mpirun runs in a session (and process group) of its own, so that stopping the group
-# also stops its ssh sessions (one to a cut-off host would otherwise linger). setsid
-# execs in place here: a script's background job is no process group leader.
-# shellcheck disable=SC2086  # MPI_FLAGS and MPIRUN_ARGS are word lists
-setsid "$MPIRUN" $MPI_FLAGS -x FEDML_STATUS_FILE -x THP_MEM_ALLOC_ENABLE ${MPIRUN_ARGS:-} "$PYTHON" ./main_fedavg.py "$@" &
-MPIRUN_PID=$!
+MPIRUN_PID=
 # (dash's kill takes no "--" after a bare signal name: always "kill -s SIGNAL -- -PGID".)
-stop_job() { kill -s "$1" -- "-$MPIRUN_PID" 2>/dev/null || true; }
+stop_job() { if [ -n "$MPIRUN_PID" ]; then kill -s "$1" -- "-$MPIRUN_PID" 2>/dev/null || true; fi; }
 
 WAITED=0  # ticks (1/50 s) since the server reported, died without reporting, or we were interrupted
 STOPPED=no
@@ -215,9 +210,17 @@ interrupt() {
     STOPPED=yes
     WAITED=$((GRACE * 50))  # what ignores TERM gets KILL 3 s later
 }
+# Installed before mpirun starts: a signal in between must not leave it running alone.
 trap 'interrupt 130' INT
 trap 'interrupt 143' TERM
 trap 'interrupt 129' HUP
+# mpirun runs in a session (and process group) of its own, so that stopping the group
+# also stops its ssh sessions (one to a cut-off host would otherwise linger). setsid
+# execs in place here: a script's background job is no process group leader.
+# shellcheck disable=SC2086  # MPI_FLAGS and MPIRUN_ARGS are word lists
+setsid "$MPIRUN" $MPI_FLAGS -x FEDML_STATUS_FILE -x THP_MEM_ALLOC_ENABLE ${MPIRUN_ARGS:-} "$PYTHON" ./main_fedavg.py "$@" &
+MPIRUN_PID=$!
+[ -z "$INTERRUPTED" ] || stop_job TERM  # the signal came while mpirun was being started
 THIS_HOST=$(hostname)
 while kill -0 "$MPIRUN_PID" 2>/dev/null; do
     if [ -f "$STATUS_FILE" ] || [ "$SERVER_DIED" = yes ] || [ -n "$INTERRUPTED" ]; then

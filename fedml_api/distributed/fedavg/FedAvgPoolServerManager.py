@@ -149,10 +149,11 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         client = int(msg.get(MyMessage.MSG_ARG_KEY_CLIENT))
         if not self._expected_client(msg, "train", client):
             return
+        extra = self._update_tensors.pop(client, None)  # released with the update if that is rejected
         try:
             check_layout(self.aggregator.global_model, msg.packed)
             self.aggregator.add_local_trained_result(client, msg.packed, int(msg.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES)),
-                                                     self._update_tensors.pop(client, None),
+                                                     extra,
                                                      msg.params.get(MyMessage.MSG_ARG_KEY_METADATA))
         except (InvalidUpdate, ValueError) as error:
             self._reject_update(client, str(error))

@@ -160,10 +160,11 @@ class FedAVGServerManager(ServerManager):
         sender = msg.get_sender_id()
         if not self._expected(msg, "train"):
             return
+        extra = self._update_tensors.pop(sender, None)  # released with the update if that is rejected
         try:
             check_layout(self.aggregator.global_model, msg.packed)
             num_samples = int(msg.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES))
-            self.aggregator.add_local_trained_result(sender, msg.packed, num_samples, self._update_tensors.pop(sender, None),
+            self.aggregator.add_local_trained_result(sender, msg.packed, num_samples, extra,
                                                      msg.params.get(MyMessage.MSG_ARG_KEY_METADATA))
         except (InvalidUpdate, ValueError) as error:
             self._reject_update(sender, str(error))
