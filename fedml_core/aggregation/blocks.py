@@ -1,5 +1,6 @@
 """What the averaging passes share: their block size, the dtype they sum each model
-dtype in, and the hook that finishes each block of a mean (a server optimizer's step)."""
+dtype in (and back), and the hook that finishes each block of a mean (a server
+optimizer's step)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -20,3 +21,13 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype.is_floating_point:  # float16 / bfloat16: sum in float32, cast back at the end
         return torch.float32
     return torch.float64  # integers and bools
+
+
+def from_accumulator(dtype: torch.dtype, mean: torch.Tensor) -> torch.Tensor:
+    """A mean computed in ``_accumulator_dtype(dtype)`` as a ``dtype`` tensor: integers
+    rounded to the nearest, booleans by majority (may reuse ``mean``'s memory)."""
+    if dtype == torch.bool:
+        return mean >= 0.5
+    if not dtype.is_floating_point:
+        return mean.round_().to(dtype)
+    return mean if mean.dtype == dtype else mean.to(dtype)

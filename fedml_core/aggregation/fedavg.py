@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..distributed.communication.packed_tensors import BufferPool, PackedTensors
-from .blocks import BLOCK_ELEMENTS, BlockFinisher, _accumulator_dtype
+from .blocks import BLOCK_ELEMENTS, BlockFinisher, _accumulator_dtype, from_accumulator
 from .partial_sums import PartialSumAccumulator
 from .strategy import AggregationStrategy, ClientUpdate
 from .validation import layout_mismatch, non_finite_tensor
@@ -110,15 +110,7 @@ class WeightedMeanAccumulator:
         self._pending, self._sums, self._template, self._folded_weight = [], None, None, 0.0
         if sums is None:
             raise ValueError(f"no valid update to average; rejected: {self.rejected}")
-        groups = {}
-        for dtype, total in sums.items():
-            if dtype == torch.bool:
-                groups[dtype] = total >= 0.5
-            elif not dtype.is_floating_point:
-                groups[dtype] = total.round_().to(dtype)
-            else:
-                groups[dtype] = total if total.dtype == dtype else total.to(dtype)
-        return PackedTensors(template.specs, groups)
+        return PackedTensors(template.specs, {dtype: from_accumulator(dtype, total) for dtype, total in sums.items()})
 
     def _fold(self, finish: Optional[BlockFinisher] = None) -> bool:
         """Fold the pending updates into the running mean, leaving out non-finite ones;

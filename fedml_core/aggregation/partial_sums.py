@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..distributed.communication.packed_tensors import PackedTensors, dtype_from_name, dtype_name
-from .blocks import BLOCK_ELEMENTS, BlockFinisher, _accumulator_dtype
+from .blocks import BLOCK_ELEMENTS, BlockFinisher, _accumulator_dtype, from_accumulator
 from .validation import non_finite_tensor
 
 #: Tensor names of a partial sum on the wire: one float64 vector per model dtype.
@@ -43,24 +43,19 @@ class PartialSum:
     def __init__(self, template: PackedTensors) -> None:
         self.sums: Dict[torch.dtype, torch.Tensor] = {dtype: torch.zeros(group.numel(), dtype=torch.float64)
                                                       for dtype, group in template.groups.items()}
-        self._layout = template.layout_key()
-        self.weight = 0
         self.clients: List[int] = []
 
     def add(self, client_id: int, state: PackedTensors, sample_number: int) -> Optional[str]:
-        """Fold one client's ``state`` (the template's layout) with weight ``sample_number``
-        (an integer >= 1). Returns None, or the reason the state was left out: it holds
-        NaN or Inf (a client's update is checked before it is folded, because a sum
-        that held it could not be undone)."""
-        if state.layout_key() != self._layout:
-            raise ValueError(f"client {client_id}'s state has another layout than the global model's")
+        """Fold one client's ``state`` (packed in the template's layout) with weight
+        ``sample_number`` (an integer >= 1). Returns None, or the reason the state was
+        left out: it holds NaN or Inf (a client's update is checked before it is
+        folded, because a sum that held it could not be undone)."""
         reason = non_finite_tensor(state)
         if reason is not None:
             return reason
         for dtype, total in self.sums.items():
             # float64 arithmetic: the product of a float32 value and the integer weight is exact.
             total.add_(state.groups[dtype], alpha=sample_number)
-        self.weight += sample_number
         self.clients.append(client_id)
         return None
 
@@ -129,11 +124,6 @@ class PartialSumAccumulator:
                 out = mean.narrow(0, start, length).copy_(block)  # the one rounding to the accumulator's dtype
                 if finish is not None:
                     finish(dtype, start, out)
-            if dtype == torch.bool:
-                groups[dtype] = mean >= 0.5
-            elif not dtype.is_floating_point:
-                groups[dtype] = mean.round_().to(dtype)
-            else:
-                groups[dtype] = mean if mean.dtype == dtype else mean.to(dtype)
+            groups[dtype] = from_accumulator(dtype, mean)
         return PackedTensors(list(template.specs), groups)
 

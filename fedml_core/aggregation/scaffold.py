@@ -49,6 +49,7 @@ class SCAFFOLD(ServerOptimizer):
         self.control = None  # type: Optional[PackedTensors]
         self.client_controls = ClientStateStore(None)  # each client's c_i, by dtype name
         self._returned: Dict[int, PackedTensors] = {}
+        self._sent_from: Dict[int, Optional[PackedTensors]] = {}  # the round's clients' c_i, read once from the store
 
     def setup(self, global_model: PackedTensors, trainable: Sequence[str], federation: FederationInfo) -> None:
         super().setup(global_model, trainable, federation)
@@ -67,8 +68,9 @@ class SCAFFOLD(ServerOptimizer):
 
     def configure_round(self, round_idx: int, clients: Sequence[int], global_model: PackedTensors) -> Dict[int, ClientInstructions]:
         instructions = {}
+        self._sent_from = {}
         for client in clients:
-            own = self._client_control(client)
+            own = self._sent_from[client] = self._client_control(client)
             groups = {dtype: c - own.groups[dtype] if own is not None else c for dtype, c in self.control.groups.items()}
             instructions[client] = ClientInstructions(tensors=PackedTensors(self.control.specs, groups).tensors())
         return instructions
@@ -87,7 +89,7 @@ class SCAFFOLD(ServerOptimizer):
 
     def add(self, update: ClientUpdate) -> None:
         super().add(update)
-        # Kept for good: copied, so as not to hold the transport's receive buffers.
+        # Copied: the transport may recycle its receive buffer for the next client's message.
         self._returned[update.client_id] = PackedTensors(update.tensors.specs, {d: g.clone() for d, g in update.tensors.groups.items()})
 
     def step(self, mean: torch.Tensor, x: torch.Tensor, old: StateSlices, new: StateSlices) -> None:
@@ -95,11 +97,12 @@ class SCAFFOLD(ServerOptimizer):
 
     def aggregate(self, global_model: PackedTensors, round_idx: int = 0) -> PackedTensors:
         returned, self._returned = self._returned, {}
+        sent_from, self._sent_from = self._sent_from, {}
         result = super().aggregate(global_model, round_idx)
         used = {client: c for client, c in returned.items() if client not in self.rejected_updates()}
         drift = {dtype: torch.zeros_like(c) for dtype, c in self.control.groups.items()}
         for client, new in sorted(used.items()):  # in client order: bit-reproducible
-            old = self._client_control(client)
+            old = sent_from[client]  # configure_round read it for this round
             for dtype, total in drift.items():
                 total += new.groups[dtype]
                 if old is not None:

@@ -121,10 +121,12 @@ for arg do
         arg=$(absolute "$arg")
         PATH_VALUE_NEXT=
     fi
-    case "$arg" in
-        --worker_processes=auto) arg="--worker_processes=$WORKER_PROCESSES" ;;
-        auto) [ "$PREVIOUS" = --worker_processes ] && arg=$WORKER_PROCESSES ;;
-    esac
+    # "--worker_processes auto" reaches main_fedavg.py as the number it stands for.
+    if [ "$arg" = --worker_processes=auto ]; then
+        arg="--worker_processes=$WORKER_PROCESSES"
+    elif [ "$arg" = auto ] && [ "$PREVIOUS" = --worker_processes ]; then
+        arg=$WORKER_PROCESSES
+    fi
     PREVIOUS=$arg
     case "$arg" in
         --data_path|--run_dir|--resume|--model_def|--pretrained_weights) PATH_VALUE_NEXT=$arg ;;

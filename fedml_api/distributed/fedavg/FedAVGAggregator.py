@@ -14,6 +14,8 @@ from fedml_core.distributed.communication.packed_tensors import PackedTensors
 from fedml_core.trainer.model_trainer import ModelTrainer, as_named_tensors
 from fedml_core.trainer.result_aggregator import ResultAggregator, aggregate_test_results
 
+from .checkpoint import ServerCheckpoint, check_same_model
+
 
 class FedAVGAggregator:
     """Holds the global model and turns client updates and test results into rounds.
@@ -40,9 +42,16 @@ class FedAVGAggregator:
                                     os.path.join(run_dir, "client_state") if run_dir else None)
         self.strategy.setup(self.global_model, trainable, federation)
 
-    def set_global_model(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Replace the global model (e.g. with a checkpoint's)."""
-        self.global_model = PackedTensors.from_tensors(state)
+    def resume(self, checkpoint: ServerCheckpoint, path: str) -> None:
+        """Continue from ``checkpoint`` (read from ``path``): its global model and the
+        strategy's state. Raises ValueError naming ``path`` when the checkpoint is of
+        another model, or its strategy state is not this strategy's."""
+        check_same_model(checkpoint.global_model, self.global_model.tensors(), path)
+        self.global_model = PackedTensors.from_tensors(checkpoint.global_model)
+        try:
+            self.strategy.load_state_dict(checkpoint.strategy_state)
+        except ValueError as error:
+            raise ValueError(f"--resume {path}: {error}") from None
 
     def client_sampling(self, round_idx: int, candidates: Optional[Sequence[int]] = None) -> List[int]:
         """The process ids of the clients that train in ``round_idx``.

@@ -27,7 +27,7 @@ from .args import add_args, default_run_dir, fill_federation_defaults, process_c
 from .FedAVGAggregator import FedAVGAggregator
 from .FedAVGTrainer import FedAVGTrainer, UserCodeError
 from .FedAvgClientManager import FedAVGClientManager, ServerLost, report_failure
-from .checkpoint import SPARE_SUFFIX, check_same_model, resolve_resume
+from .checkpoint import SPARE_SUFFIX, resolve_resume
 from .preflight import preflight_process_num, run_preflight
 from .FedAvgPoolServerManager import FedAvgPoolServerManager
 from .FedAvgServerManager import FederationError, FedAVGServerManager, release_clients
@@ -108,11 +108,10 @@ def FedML_FedAvg_distributed(
     if filled and process_id == 0:
         logging.info("federation options missing from the arguments, set to their defaults: %s",
                      ", ".join(f"{name}={getattr(args, name)!r}" for name in filled))
-    if args.worker_processes is not None and worker_number != process_count(args):
-        raise ValueError(f"{worker_number} processes run, but --worker_processes {args.worker_processes} takes "
-                         f"{process_count(args)} (the server and {args.worker_processes} workers)")
-    if args.worker_processes is None and args.client_num_in_total != worker_number - 1:
+    if worker_number != process_count(args):
         raise ValueError(
+            f"{worker_number} processes run, but --worker_processes {args.worker_processes} takes {process_count(args)} "
+            f"(the server and {args.worker_processes} workers)" if args.worker_processes is not None else
             f"{worker_number} processes run, which means {worker_number - 1} clients, but "
             f"--client_num_in_total is {args.client_num_in_total}; launch CLIENT_NUM + 1 processes"
         )
@@ -155,9 +154,7 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
         aggregator = FedAVGAggregator(model_trainer, result_aggregator, args, strategy)
         if args.resume:
             checkpoint, resume_path = resolve_resume(args.resume)
-            check_same_model(checkpoint.global_model, aggregator.global_model.tensors(), resume_path)
-            aggregator.set_global_model(checkpoint.global_model)
-            aggregator.strategy.load_state_dict(checkpoint.strategy_state)
+            aggregator.resume(checkpoint, resume_path)
         recorder = RunRecorder(args.run_dir, config=vars(args), previous_records=checkpoint.records if checkpoint else ())
         # Logged once server.log is open, so that it says which file the run continued from.
         if checkpoint is not None and resume_path.endswith(SPARE_SUFFIX):

@@ -138,12 +138,8 @@ class FedAVGClientManager(ServerWorkManager):
         memory may be overwritten: the next model is received into it anyway."""
         params = reply.tensors
         packed = PackedTensors.from_views(params)
-        state = self.model_state
-        if packed is None and state is not None and \
-                [(name, t.dtype, tuple(t.shape)) for name, t in params.items()] == list(state.layout_key()):
-            for spec in state.specs:
-                state.view(spec).copy_(params[spec.name])
-            packed = state
+        if packed is None and self.model_state is not None and self.model_state.load(params):
+            packed = self.model_state
         if packed is not None:  # else: another set of tensors than the model's; sent as they are
             reply.set_packed(packed)
 

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from fedml_core.aggregation import InvalidUpdate, check_layout
 from fedml_core.aggregation.partial_sums import received_partial_sum
 from fedml_core.distributed.communication.message import Message
-from fedml_core.distributed.communication.transport import PeerFailure, Transport
+from fedml_core.distributed.communication.transport import Transport
 
 from .algorithm_messages import received_tensors, tensors_message
 from .checkpoint import ServerCheckpoint
@@ -110,8 +110,6 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         instructions = self.aggregator.configure_round(self.round_idx, clients) if phase == "train" else {}
         messages = []
         for rank, chosen in self._assigned.items():
-            if rank in self.lost_workers:
-                continue
             for client in chosen:  # each client's extra tensors (e.g. SCAFFOLD's correction) before the assignment
                 if client in instructions and instructions[client].tensors:
                     extra = tensors_message(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.rank, rank, self.round_idx,
@@ -127,10 +125,7 @@ class FedAvgPoolServerManager(FedAVGServerManager):
                 message.add_params(MyMessage.MSG_ARG_KEY_PARTIAL_SUM, self._partial_sums)
             message.set_packed(self.aggregator.global_model)
             messages.append(message)
-        # Concurrent sends: a frozen worker holds up nobody but itself.
-        for rank, error in self.transport.send_many(messages, timeout=self.round_timeout).items():
-            self._process_failed(rank, "its process died" if isinstance(error, PeerFailure) else f"could not be sent the model: {error}")
-        self._maybe_end_phase()
+        self._send_phase(messages)
 
     def _expected_client(self, msg: Message, phase: str, client: int) -> bool:
         return self._expected(msg, phase) and client in self._assigned.get(msg.get_sender_id(), ())
@@ -165,10 +160,7 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         sender = msg.get_sender_id()
         if not self._expected(msg, "train"):
             return
-        mine = set(self._assigned[sender])
-        for client, reason in _by_client(msg.get(MyMessage.MSG_ARG_KEY_FAILURES)).items():
-            if client in mine:
-                self._client_failed(client, reason)
+        mine = self._take_client_failures(msg)
         for client, reason in _by_client(msg.get(MyMessage.MSG_ARG_KEY_REJECTED)).items():
             if client in mine:
                 self._reject_update(client, reason)
@@ -178,17 +170,24 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         self._waiting.discard(sender)
         self._maybe_end_phase()
 
+    def _take_client_failures(self, msg: Message) -> set:
+        """Record the failures of the sender's clients a reply reports; returns the
+        sender's clients of this phase (a reply's other clients are ignored)."""
+        mine = set(self._assigned[msg.get_sender_id()])
+        for client, reason in _by_client(msg.get(MyMessage.MSG_ARG_KEY_FAILURES)).items():
+            if client in mine:
+                self._client_failed(client, reason)
+        return mine
+
     def _add_partial_sum(self, sender: int, msg: Message, mine: set) -> None:
-        trained = _by_client(msg.get(MyMessage.MSG_ARG_KEY_TRAINED))
         folded = [int(c) for c in msg.get(MyMessage.MSG_ARG_KEY_CLIENTS)]
-        weight = int(msg.get(MyMessage.MSG_ARG_KEY_WEIGHT))
         try:
-            if not set(folded) <= mine or weight != sum(int(trained[c]["samples"]) for c in folded):
-                raise ValueError(f"worker {sender}'s partial sum names clients {folded} and weight {weight}, "
-                                 f"which its assignment {sorted(mine)} and reported sample numbers do not match")
+            if not set(folded) <= mine:
+                raise ValueError(f"worker {sender}'s partial sum names clients {folded}, not all of its {sorted(mine)}")
             sums = received_partial_sum(msg.tensors, self.aggregator.global_model)
-            self.aggregator.add_partial_sum(sender, sums, weight)
-        except (KeyError, ValueError) as error:
+            # Weighted as the worker weighted it: by the sample numbers it reported at start.
+            self.aggregator.add_partial_sum(sender, sums, sum(self.sample_numbers[c][0] for c in folded))
+        except ValueError as error:
             for client in folded:
                 self._reject_update(client, f"in worker {sender}'s partial sum: {error}")
         else:
@@ -198,10 +197,7 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         sender = msg.get_sender_id()
         if not self._expected(msg, "test"):
             return
-        mine = set(self._assigned[sender])
-        for client, reason in _by_client(msg.get(MyMessage.MSG_ARG_KEY_FAILURES)).items():
-            if client in mine:
-                self._client_failed(client, reason)
+        mine = self._take_client_failures(msg)
         for client, result in _by_client(msg.get(MyMessage.MSG_ARG_KEY_RESULTS)).items():
             if client in mine:
                 self._test_results[client] = {"result": result["result"], "sample_number": int(result["sample_number"])}

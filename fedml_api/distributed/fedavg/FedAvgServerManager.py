@@ -261,9 +261,13 @@ class FedAVGServerManager(ServerManager):
                 message.add_params(MyMessage.MSG_ARG_KEY_CONFIG, instructions[client_id].config)
             message.set_packed(self.aggregator.global_model)
             messages.append(message)
-        # Concurrent sends: a frozen client holds up nobody but itself.
-        for client_id, error in self.transport.send_many(messages, timeout=self.round_timeout).items():
-            self._process_failed(client_id, "its process died" if isinstance(error, PeerFailure) else f"could not be sent the model: {error}")
+        self._send_phase(messages)
+
+    def _send_phase(self, messages: List[Message]) -> None:
+        """Send a phase's messages, then end the phase if no reply is awaited. Concurrent
+        sends: a frozen process holds up nobody but itself, and is failed."""
+        for rank, error in self.transport.send_many(messages, timeout=self.round_timeout).items():
+            self._process_failed(rank, "its process died" if isinstance(error, PeerFailure) else f"could not be sent the model: {error}")
         self._maybe_end_phase()
 
     def _open_phase(self, phase: str, ranks: List[int]) -> None:

@@ -109,20 +109,20 @@ class FedAvgWorkerManager(ServerWorkManager):
                                f"give every process the same --federated_optimizer (or strategy)")
         partial = PartialSum(msg.packed) if msg.get(MyMessage.MSG_ARG_KEY_PARTIAL_SUM) else None
         start = time.perf_counter()
-        trained: Dict[str, Dict[str, Any]] = {}
+        trained = 0
         failures: Dict[str, str] = {}
         rejected: Dict[str, str] = {}
         for client in clients:
             try:
                 trainer = self._trainer(client)
                 trainer.update_model(msg.tensors)
-                state, num_samples, seconds, report = trainer.train(round_idx, configs[str(client)],
+                state, num_samples, _, report = trainer.train(round_idx, configs[str(client)],
                                                                     self._client_tensors.pop(client, {}))
             except UserCodeError as error:
                 logging.error("worker %d: round %d: client %d failed: %s", self.rank, round_idx, client, error)
                 failures[str(client)] = str(error)
                 continue
-            trained[str(client)] = {"samples": num_samples, "seconds": seconds}
+            trained += 1
             packed = self._pack(state, msg.packed)
             if packed is None:
                 rejected[str(client)] = "its state has other tensors (names, dtypes or shapes) than the global model"
@@ -145,29 +145,23 @@ class FedAvgWorkerManager(ServerWorkManager):
                 self.send_message(update)  # returns once the buffer may be reused
         self._client_tensors.clear()  # those of clients that failed before training
         seconds = time.perf_counter() - start
-        logging.info("worker %d: round %d: trained %d clients in %.2f s", self.rank, round_idx, len(trained), seconds)
+        logging.info("worker %d: round %d: trained %d clients in %.2f s", self.rank, round_idx, trained, seconds)
         reply = Message(MyMessage.MSG_TYPE_C2S_CLIENTS_TRAINED, self.rank, 0,
                         tensors=partial.tensors() if partial is not None and partial.clients else None)
         reply.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
-        reply.add_params(MyMessage.MSG_ARG_KEY_TRAINED, trained)
         reply.add_params(MyMessage.MSG_ARG_KEY_FAILURES, failures)
         reply.add_params(MyMessage.MSG_ARG_KEY_REJECTED, rejected)
         reply.add_params(MyMessage.MSG_ARG_KEY_SECONDS, seconds)
         if partial is not None:
             reply.add_params(MyMessage.MSG_ARG_KEY_CLIENTS, partial.clients)
-            reply.add_params(MyMessage.MSG_ARG_KEY_WEIGHT, partial.weight)
         self.send_message(reply)
 
     def _pack(self, state: Dict[str, torch.Tensor], template: PackedTensors) -> Optional[PackedTensors]:
-        """``state`` copied into a packed buffer of ``template``'s layout (reused from
-        client to client); None if its tensors are not the template's."""
-        if [(name, t.dtype, tuple(t.shape)) for name, t in state.items()] != list(template.layout_key()):
-            return None
-        if self._state is None or self._state.layout_key() != template.layout_key():
+        """``state`` copied into a packed buffer of ``template``'s layout (the global
+        model's, every round's: allocated once); None if its tensors are not the template's."""
+        if self._state is None:
             self._state = PackedTensors.empty_like_specs(list(template.layout_key()))
-        for spec in self._state.specs:
-            self._state.view(spec).copy_(state[spec.name])
-        return self._state
+        return self._state if self._state.load(state) else None
 
     def handle_message_test_clients(self, msg: Message) -> None:
         round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)

@@ -153,10 +153,8 @@ def check_federation_args(args: argparse.Namespace) -> None:
     if args.max_buffered_updates is not None and args.max_buffered_updates < 1:
         raise ValueError(f"--max_buffered_updates must be at least 1, got {args.max_buffered_updates}")
     make_strategy(args)  # an unknown name or a bad option value
-    if args.worker_processes is not None:
-        if not 1 <= args.worker_processes <= args.client_num_in_total:
-            raise ValueError(f"--worker_processes must be between 1 and CLIENT_NUM={args.client_num_in_total}, "
-                             f"got {args.worker_processes}")
+    if args.worker_processes is not None and not 1 <= args.worker_processes <= args.client_num_in_total:
+        raise ValueError(f"--worker_processes must be between 1 and CLIENT_NUM={args.client_num_in_total}, got {args.worker_processes}")
     if args.test_clients is not None and not 1 <= args.test_clients <= args.client_num_in_total:
         raise ValueError(f"--test_clients must be between 1 and CLIENT_NUM={args.client_num_in_total}, got {args.test_clients}")
     if args.client_cache_mb is not None and not args.client_cache_mb >= 0:

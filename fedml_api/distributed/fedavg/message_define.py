@@ -25,10 +25,10 @@ CLIENT_NUM clients. At start each worker counts the samples of its share of the 
 be counted). Each round the server sends every worker with clients to train
 ``S2C_TRAIN_CLIENTS`` (the global model; ``clients``: their ids; ``configs``: client ->
 the algorithm's config; ``partial_sum``: whether to fold them). A worker trains them one
-after another and answers ``C2S_CLIENTS_TRAINED`` (``trained``: client -> samples and
-seconds; ``failures`` and ``rejected``: client -> reason; ``seconds``: the whole
-assignment), which carries the partial sum of the clients it folded (``weight``: their
-total sample number; see fedml_core/aggregation/partial_sums.py); without
+after another and answers ``C2S_CLIENTS_TRAINED`` (``failures`` and ``rejected``:
+client -> reason; ``seconds``: the whole assignment), which carries the partial sum of
+the clients it folded (``clients``; weighted by the sample numbers it reported at
+start; see fedml_core/aggregation/partial_sums.py); without
 ``partial_sum``, each client's update goes first as ``C2S_SEND_MODEL_TO_SERVER`` with
 its ``client``. Test rounds: ``S2C_TEST_CLIENTS`` (the model, ``clients``), answered by
 ``C2S_CLIENTS_TESTED`` (``results``: client -> {result, sample_number}; ``failures``).
@@ -72,7 +72,5 @@ class MyMessage:
     MSG_ARG_KEY_SAMPLE_NUMBERS = "sample_numbers"
     MSG_ARG_KEY_FAILURES = "failures"
     MSG_ARG_KEY_REJECTED = "rejected"
-    MSG_ARG_KEY_TRAINED = "trained"
-    MSG_ARG_KEY_WEIGHT = "weight"
     MSG_ARG_KEY_SECONDS = "seconds"
     MSG_ARG_KEY_RESULTS = "results"

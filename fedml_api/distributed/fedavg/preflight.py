@@ -17,7 +17,7 @@ import sys
 from argparse import Namespace
 from typing import NoReturn, Optional
 
-from fedml_core.trainer.model_trainer import ModelTrainer, as_named_tensors
+from fedml_core.trainer.model_trainer import ModelTrainer
 
 PREFLIGHT_ENV = "FEDML_PREFLIGHT"
 # Set by the launcher when every process runs on this machine: the data can be checked here.
@@ -37,7 +37,7 @@ def run_preflight(args: Namespace, model_trainer: ModelTrainer) -> NoReturn:
     from fedml_core.aggregation.registry import make_strategy
 
     from .args import check_federation_args
-    from .checkpoint import check_same_model, resolve_resume
+    from .checkpoint import resolve_resume
     from .FedAVGAggregator import FedAVGAggregator
 
     try:
@@ -45,15 +45,10 @@ def run_preflight(args: Namespace, model_trainer: ModelTrainer) -> NoReturn:
         if os.environ.get(CHECK_DATA_ENV):
             check_client_data(args.data_path, args.client_num_in_total)
         if args.resume:  # a damaged checkpoint.pt with an intact spare resumes from the spare (with a warning)
+            # As the server will: the model, and the algorithm's state (e.g. a SCAFFOLD
+            # checkpoint resumed with another --federated_optimizer).
             checkpoint, resume_path = resolve_resume(args.resume)
-            check_same_model(checkpoint.global_model, as_named_tensors(model_trainer.get_model_params(), model_trainer),
-                             resume_path)
-            # The algorithm's state too (e.g. a SCAFFOLD checkpoint resumed with another --federated_optimizer).
-            strategy = FedAVGAggregator(model_trainer, None, args, make_strategy(args)).strategy
-            try:
-                strategy.load_state_dict(checkpoint.strategy_state)
-            except ValueError as error:
-                raise ValueError(f"--resume {resume_path}: {error}") from None
+            FedAVGAggregator(model_trainer, None, args, make_strategy(args)).resume(checkpoint, resume_path)
     except (ValueError, FileNotFoundError, TypeError) as error:  # TypeError: get_model_params' values
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

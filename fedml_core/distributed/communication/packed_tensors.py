@@ -138,6 +138,15 @@ class PackedTensors:
         the tensors of a dtype are views into that copy, which ``torch.save`` accepts)."""
         return PackedTensors(self.specs, {dtype: group.clone() for dtype, group in self.groups.items()}).tensors()
 
+    def load(self, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Copy ``tensors`` into this memory if they have its layout (names, order,
+        dtypes, shapes; any device); False, copying nothing, if they do not."""
+        if tuple((name, t.dtype, tuple(t.shape)) for name, t in tensors.items()) != self.layout_key():
+            return False
+        for spec in self.specs:
+            self.view(spec).copy_(tensors[spec.name])
+        return True
+
     def layout_key(self) -> Tuple[Tuple[str, torch.dtype, Tuple[int, ...]], ...]:
         """Identifies the layout: two PackedTensors with equal keys can be combined elementwise."""
         if self._layout_key is None:  # the specs never change
