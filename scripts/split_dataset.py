@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -167,10 +167,27 @@ def _partition_options(args: argparse.Namespace) -> Dict[str, Any]:
 def _split_and_report(
     dataset_name: str, arrays: Sequence[np.ndarray], args: argparse.Namespace
 ) -> None:
+    if args.train_samples is not None:
+        arrays = _train_subset(arrays, args.train_samples, args.seed)
     _remove_client_dirs(args.out)
     counts = split_image_dataset(dataset_name, *arrays, **_partition_options(args))
     print(format_split_table(counts))
     print(f"wrote {len(counts)} clients to {args.out}")
+
+
+def _train_subset(
+    arrays: Sequence[np.ndarray], num_samples: int, seed: int
+) -> Tuple[np.ndarray, ...]:
+    """``(train_images, train_labels, test_images, test_labels)`` with the train set cut to a
+    random ``num_samples`` of its images, in their original order; the stream is seeded apart
+    from the partition's so the subset does not depend on ``--partition``."""
+    train_images, train_labels, test_images, test_labels = arrays
+    if num_samples > len(train_labels):
+        raise ValueError(
+            f"--train_samples {num_samples} is more than the {len(train_labels)} train images"
+        )
+    keep = np.sort(np.random.default_rng([seed, 1]).permutation(len(train_labels))[:num_samples])
+    return train_images[keep], train_labels[keep], test_images, test_labels
 
 
 #: ``--dataset`` name -> function that loads that dataset and writes the client folders.
@@ -213,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="dirichlet: redraw until every client has at least this many train samples",
     )
     parser.add_argument(
+        "--train_samples",
+        type=int,
+        default=None,
+        help="cifar10, digits: partition only this many train images, a random subset drawn "
+        "by --seed (default: all); for quick experiments. The test set is kept whole",
+    )
+    parser.add_argument(
         "--test_fraction", type=float, default=0.2, help="digits: share of images held out for test"
     )
     parser.add_argument(
@@ -248,6 +272,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--clients must be >= 1, got {args.clients}")
     if not args.alpha > 0:
         parser.error(f"--alpha must be > 0, got {args.alpha}")
+    if args.train_samples is not None and args.train_samples < args.clients:
+        parser.error(
+            f"--train_samples must be at least --clients ({args.clients}), got {args.train_samples}"
+        )
+    if args.train_samples is not None and args.dataset == "yolo":
+        parser.error("--train_samples is for the image classification datasets, not --dataset yolo")
     if args.min_client_samples < 0:
         parser.error(f"--min_client_samples must be >= 0, got {args.min_client_samples}")
     if args.out.exists() and not args.out.is_dir():

@@ -685,3 +685,32 @@ def test_split_script_reports_a_missing_source_without_a_traceback(tmp_path, cap
     )
     assert code == 1
     assert "missing.tar.gz does not exist" in capsys.readouterr().err
+
+
+def test_train_samples_partitions_a_seeded_subset_and_keeps_the_test_set_whole(tmp_path, capsys):
+    def split(out, seed):
+        assert split_dataset.main(["--dataset", "digits", "--out", str(out), "--clients", "3",
+                                   "--train_samples", "300", "--seed", str(seed)]) == 0
+        return np.concatenate([load_client_split(out / str(c) / "train").labels.numpy()
+                               for c in (1, 2, 3)])
+
+    labels = split(tmp_path / "a", 0)
+    assert "total     300     360" in capsys.readouterr().out
+    assert len(labels) == 300 and len(np.unique(labels)) == 10  # a random draw, not one class
+    np.testing.assert_array_equal(np.sort(split(tmp_path / "b", 0)), np.sort(labels))
+    assert not np.array_equal(np.sort(split(tmp_path / "c", 1)), np.sort(labels))
+
+
+def test_train_samples_fewer_than_clients_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        split_dataset.main(["--dataset", "digits", "--out", str(tmp_path / "o"), "--clients", "3",
+                            "--train_samples", "2"])
+    assert exit_info.value.code == 2
+    assert "--train_samples must be at least --clients (3), got 2" in capsys.readouterr().err
+
+
+def test_train_samples_beyond_the_train_set_names_its_size(tmp_path, capsys):
+    code = split_dataset.main(["--dataset", "digits", "--out", str(tmp_path / "o"),
+                               "--train_samples", "5000"])
+    assert code == 1
+    assert "--train_samples 5000 is more than the 1437 train images" in capsys.readouterr().err
