@@ -354,6 +354,45 @@ def test_a_server_optimizer_steps_the_parameters_of_a_trainer_that_returns_a_lis
     assert not torch.allclose(finals[1][0], plain[0])  # the momentum was applied
 
 
+class ParametersListTrainer(TinyTrainer):
+    """FineFL style too: a list of the parameters only (the BatchNorm statistics stay local)."""
+
+    def get_model_params(self):
+        return [p.detach() for p in self.model.parameters()]
+
+    def set_model_params(self, params):
+        with torch.no_grad():
+            for p, value in zip(self.model.parameters(), params):
+                p.copy_(value)
+
+
+@pytest.mark.parametrize("factory", [ListTrainer, ParametersListTrainer])
+def test_scaffold_runs_a_trainer_that_returns_a_list_as_it_runs_the_same_model_by_names(tmp_path, factory):
+    # The control variates travel under the list's names ("0", "1", ...) and are matched
+    # with the model's parameters by position, so the run is the named run, bit for bit.
+    options = ["--federated_optimizer", "SCAFFOLD"]
+    finals = []
+    for name, trainer in (("named", TinyTrainer if factory is ListTrainer else NamedParametersTrainer), ("list", factory)):
+        _, run_dir, errors = run_federation(tmp_path / name, clients=3, per_round=2, rounds=3, trainer_factory=trainer,
+                                            extra=options, lr=0.1)
+        assert not errors
+        records = records_of(run_dir)
+        assert not any(r.get("rejected_updates") for r in records)
+        finals.append(list(torch.load(run_dir / "final_model.pt").values()))
+    assert len(finals[0]) == len(finals[1]) and all(torch.equal(a, b) for a, b in zip(*finals))
+    assert not torch.equal(finals[1][0], make_model().state_dict()["0.weight"])
+
+
+class NamedParametersTrainer(TinyTrainer):
+    """The parameters only, by name: the named counterpart of ParametersListTrainer."""
+
+    def get_model_params(self):
+        return {name: p.detach() for name, p in self.model.named_parameters()}
+
+    def set_model_params(self, params):
+        self.model.load_state_dict(params, strict=False)
+
+
 def test_the_preflight_refuses_a_checkpoint_of_another_algorithm(tmp_path, capsys):
     from fedml_api.distributed.fedavg.preflight import run_preflight
     from test_fedavg_protocol import federation_args

@@ -190,7 +190,10 @@ class ClientRound:
         round_idx: the round (0-based).
         client_id: this client's process id.
         config: the server's :attr:`ClientInstructions.config` for this client.
-        tensors: the server's :attr:`ClientInstructions.tensors` for this client (CPU).
+        tensors: the server's :attr:`ClientInstructions.tensors` for this client (CPU);
+            those named like the global model's entries by the model's own names (its
+            ``state_dict`` keys) even where ``get_model_params`` returns a list, and so
+            are the :class:`ClientReport` tensors the part returns.
         args: the run's arguments (the same on every process).
     """
 

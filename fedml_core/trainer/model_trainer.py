@@ -125,6 +125,25 @@ def as_named_tensors(params: ModelParams, trainer: object) -> Dict[str, torch.Te
     return named
 
 
+def model_keys(names: Sequence[str], model: torch.nn.Module) -> Dict[str, str]:
+    """Which of ``model``'s tensors each of a ``get_model_params()`` result's ``names`` is:
+    name -> ``state_dict`` key.
+
+    Names that are ``state_dict`` keys are themselves. A list's tensors, named ``"0"``,
+    ``"1"``, ..., are matched by position with the ``state_dict`` when there are as many,
+    else with ``named_parameters()`` (a list of the parameters only). Empty when neither
+    fits: the result cannot be told apart.
+    """
+    keys = list(model.state_dict())
+    if set(names) & set(keys):
+        return {name: name for name in names if name in set(keys)}
+    parameters = [name for name, _ in model.named_parameters()]
+    for candidates in (keys, parameters):
+        if len(candidates) == len(names):
+            return dict(zip(names, candidates))
+    return {}
+
+
 @dataclass(frozen=True)
 class ParamsForm:
     """The form of a trainer's ``get_model_params()`` result, so that its

@@ -11,7 +11,7 @@ import torch
 from fedml_core.aggregation import AggregationStrategy, ClientInstructions, ClientUpdate, FedAvg, FederationInfo, InvalidUpdate
 from fedml_core.aggregation.validation import non_finite_tensor
 from fedml_core.distributed.communication.packed_tensors import PackedTensors
-from fedml_core.trainer.model_trainer import ModelTrainer, as_named_tensors
+from fedml_core.trainer.model_trainer import ModelTrainer, as_named_tensors, model_keys
 from fedml_core.trainer.result_aggregator import ResultAggregator, aggregate_test_results
 
 from .checkpoint import ServerCheckpoint, check_same_model
@@ -135,15 +135,12 @@ class FedAVGAggregator:
 
 def trainable_names(model: Optional[torch.nn.Module], global_model: PackedTensors) -> List[str]:
     """The names of the global model's tensors that are the model's parameters (the
-    others are buffers). ``get_model_params`` may return a list, whose tensors are named
-    ``"0"``, ``"1"``, ...: they are then matched with the model's ``state_dict`` by
-    position. Without a model to ask, every floating-point tensor counts as a parameter."""
-    names = [spec.name for spec in global_model.specs]
+    others are buffers), matched as :func:`~fedml_core.trainer.model_trainer.model_keys`
+    matches them (a list's by position). Without a model to ask, or a result it cannot
+    match, every floating-point tensor counts as a parameter."""
     if isinstance(model, torch.nn.Module):
-        parameters = {name for name, _ in model.named_parameters()}
-        if parameters & set(names):
-            return [name for name in names if name in parameters]
-        keys = list(model.state_dict())
-        if len(keys) == len(names):
-            return [name for name, key in zip(names, keys) if key in parameters]
+        keys = model_keys([spec.name for spec in global_model.specs], model)
+        if keys:
+            parameters = {name for name, _ in model.named_parameters()}
+            return [spec.name for spec in global_model.specs if keys.get(spec.name) in parameters]
     return [spec.name for spec in global_model.specs if spec.dtype.is_floating_point]

@@ -11,7 +11,7 @@ import torch
 
 from fedml_api.utils.process_setup import seed_everything
 from fedml_core.aggregation import ClientAlgorithm, ClientReport, ClientRound
-from fedml_core.trainer.model_trainer import ModelTrainer, ParamsForm, as_named_tensors
+from fedml_core.trainer.model_trainer import ModelTrainer, ParamsForm, as_named_tensors, model_keys
 
 
 def round_seed(seed: int, round_idx: int, client_id: int) -> int:
@@ -61,7 +61,15 @@ class FedAVGTrainer:
         self.trainer = model_trainer
         self.algorithms = list(algorithms)
         # set_model_params gets the global model as get_model_params gives it (numpy, a list).
-        self.params_form = ParamsForm.of(self._call("get_model_params"))
+        params = self._call("get_model_params")
+        self.params_form = ParamsForm.of(params)
+        # A list's tensors are "0", "1", ... on the wire, while the algorithm parts know the
+        # model's names (SCAFFOLD's control variates are per named parameter): wire name ->
+        # model name, to rename the extra tensors both ways.
+        model = getattr(model_trainer, "model", None)
+        self._model_names: Dict[str, str] = {}
+        if self.params_form.as_list and isinstance(model, torch.nn.Module):
+            self._model_names = model_keys([str(i) for i in range(len(params))], model)
         if sample_numbers is None:
             sample_numbers = self._sample_number(train_path, minimum=1), self._sample_number(test_path, minimum=0)
         self.train_sample_number, self.test_sample_number = sample_numbers
@@ -116,7 +124,8 @@ class FedAVGTrainer:
         self.args.round_idx = round_idx
         seed_everything(round_seed(getattr(self.args, "seed", 0), round_idx, self.client_id))
         start = time.perf_counter()
-        round_info = ClientRound(round_idx, self.client_id, dict(config or {}), dict(tensors or {}), self.args)
+        tensors = {self._model_names.get(name, name): t for name, t in (tensors or {}).items()}
+        round_info = ClientRound(round_idx, self.client_id, dict(config or {}), tensors, self.args)
         for algorithm in self.algorithms:
             algorithm.before_train(self.trainer.model, round_info)
         self._call("train", self.device, self.args, self.train_path)
@@ -126,6 +135,9 @@ class FedAVGTrainer:
             part = algorithm.after_train(self.trainer.model, state)
             report.tensors.update(part.tensors)
             report.metadata.update(part.metadata)
+        if self._model_names:
+            wire_names = {model_name: name for name, model_name in self._model_names.items()}
+            report.tensors = {wire_names.get(name, name): t for name, t in report.tensors.items()}
         seconds = time.perf_counter() - start
         return state, self.train_sample_number, seconds, report
 
