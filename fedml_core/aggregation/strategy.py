@@ -35,9 +35,9 @@ class ClientUpdate:
     memory, on the server's host). It is valid until the server next sends that client
     a message, which it does only after :meth:`AggregationStrategy.aggregate` returned:
     a strategy must not keep ``params`` (or views of it) beyond ``aggregate``; copy
-    what it needs later. ``tensors`` is received memory, which nothing else writes
-    (the transport recycles only receive buffers that nothing references); a strategy
-    that keeps it for many rounds copies it, to leave the transport its buffers.
+    what it needs later. ``tensors`` is received memory; a strategy that keeps it (or
+    views of it) beyond :meth:`add` copies it there, as SCAFFOLD does: under MPI the
+    buffer may be the transport's to reuse for a later message.
 
     Attributes:
         client_id: the client's process id (1..CLIENT_NUM).
