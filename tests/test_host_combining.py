@@ -243,14 +243,23 @@ class FreezingTrainer(TinyTrainer):
         super().train(device, args, train_path)
 
 
-def test_a_frozen_peer_fails_its_clients_at_the_combine_deadline_and_its_late_sum_is_ignored(tmp_path, monkeypatch):
-    # The steady rounds' time on this machine sets the round timeout, with a wide margin.
+def round_timeout_from_a_healthy_run(tmp_path, monkeypatch):
+    """A round timeout 20 times the steady rounds' time on this machine (at least 5 s)."""
     _, healthy_dir, errors = two_host_run(tmp_path / "healthy", monkeypatch)
     assert not errors
-    round_timeout = max(5.0, 20 * max(r["round_seconds"] for r in records_of(healthy_dir)[1:]))
+    return max(5.0, 20 * max(r["round_seconds"] for r in records_of(healthy_dir)[1:]))
+
+
+def freeze(monkeypatch, worker, seconds):
+    """Worker ``worker`` is frozen for ``seconds`` while it trains its first client in round 1."""
+    monkeypatch.setattr(FreezingTrainer, "victim", ASSIGNED[worker][0])
+    monkeypatch.setattr(FreezingTrainer, "seconds", seconds)
+
+
+def test_a_frozen_peer_fails_its_clients_at_the_combine_deadline_and_its_late_sum_is_ignored(tmp_path, monkeypatch):
+    round_timeout = round_timeout_from_a_healthy_run(tmp_path, monkeypatch)
     # Frozen past the server's deadline too: by then the combiner has answered without it.
-    monkeypatch.setattr(FreezingTrainer, "victim", ASSIGNED[4][0])
-    monkeypatch.setattr(FreezingTrainer, "seconds", 2 * round_timeout)
+    freeze(monkeypatch, 4, 2 * round_timeout)
     data_path, run_dir, errors = two_host_run(tmp_path / "frozen", monkeypatch, trainer_factory=FreezingTrainer,
                                               extra=["--round_timeout", str(round_timeout)])
     assert not errors
@@ -264,6 +273,43 @@ def test_a_frozen_peer_fails_its_clients_at_the_combine_deadline_and_its_late_su
     assert all("failures" not in r for r in records[2:])
     # its late sum was not counted anywhere
     assert same_model(final_model(run_dir), reference(data_path, left_out={1: ASSIGNED[4]}))
+
+
+def test_a_frozen_combiner_fails_the_clients_it_carried_at_the_server_s_deadline_and_its_late_sum_is_ignored(
+        tmp_path, monkeypatch):
+    round_timeout = round_timeout_from_a_healthy_run(tmp_path, monkeypatch)
+    freeze(monkeypatch, 3, 1.5 * round_timeout)  # past the server's deadline: its peer's sum waits in its inbox
+    data_path, run_dir, errors = two_host_run(tmp_path / "frozen", monkeypatch, trainer_factory=FreezingTrainer,
+                                              extra=["--round_timeout", str(round_timeout)])
+    assert not errors
+    hit = records_of(run_dir)[1]
+    assert hit["lost_workers"] == {"3": f"no reply within --round_timeout={round_timeout} s"}
+    assert set(hit["failures"]) == {str(c) for c in ASSIGNED[3] + ASSIGNED[4]}
+    assert all("4" not in r.get("lost_workers", {}) for r in records_of(run_dir))  # the peer did its part
+    # the combined sum it sent on waking, with worker 4's clients in it, was not counted
+    assert same_model(final_model(run_dir), reference(data_path, left_out={1: ASSIGNED[3] + ASSIGNED[4]}))
+
+
+def test_a_peer_sum_that_comes_before_the_combiner_s_own_train_message_is_kept(tmp_path, monkeypatch):
+    # Messages of two senders may cross: hold the server's round-1 message to worker 3
+    # until worker 4's sum for that round has reached worker 3.
+    send = InProcessTransport.send
+    held = []
+
+    def crossing_send(self, message, timeout=None):
+        round_idx = message.params.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
+        if (message.msg_type, message.receiver_id, round_idx) == (MyMessage.MSG_TYPE_S2C_TRAIN_CLIENTS, 3, 1):
+            held.append((self, message))
+            return
+        send(self, message, timeout)
+        if (message.msg_type, message.sender_id, round_idx) == (MyMessage.MSG_TYPE_W2W_PARTIAL_SUM, 4, 1):
+            send(*held.pop())
+
+    monkeypatch.setattr(InProcessTransport, "send", crossing_send)
+    data_path, run_dir, errors = two_host_run(tmp_path, monkeypatch)
+    assert not errors and not held
+    assert all("failures" not in r and "missing_sums" not in r for r in records_of(run_dir))
+    assert same_model(final_model(run_dir), reference(data_path))
 
 
 def test_a_combined_sum_naming_a_client_it_does_not_carry_is_rejected_whole(tmp_path, monkeypatch):
