@@ -5,7 +5,9 @@ With many clients per worker process (``--worker_processes``), sending every cli
 state to the server would cost a model per client on the wire; instead each worker
 sends ``S = sum_i n_i * x_i`` over its clients (``n_i``: the client's sample number,
 ``x_i``: its state) with ``N = sum_i n_i``, and the server computes
-``mean = (sum_k S_k) / (sum_k N_k)``.
+``mean = (sum_k S_k) / (sum_k N_k)``. On several hosts, the workers of a host may add
+their sums together first (:meth:`PartialSum.add_sum`; see
+fedml_api/distributed/fedavg/host_combining.py), which changes nothing below.
 
 Exactness: the sums are kept in float64, with the model's grouping (one vector per
 dtype of the model, in the model's packed order). A float32 value times an integer
