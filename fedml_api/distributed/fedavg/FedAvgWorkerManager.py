@@ -119,6 +119,8 @@ class FedAvgWorkerManager(ServerWorkManager):
         round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
         self._stop_combining(f"the server had moved on to round {round_idx}")  # it gave up on our reply
         self._train_round = round_idx
+        # Sums kept for an earlier round are stale; this round's are taken if this worker combines.
+        early, self._early_sums = [m for m in self._early_sums if m.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX) == round_idx], []
         clients: List[int] = [int(c) for c in msg.get(MyMessage.MSG_ARG_KEY_CLIENTS)]
         configs = msg.get(MyMessage.MSG_ARG_KEY_CONFIGS)
         algorithms = {config.get("algorithm") for config in configs.values()}
@@ -172,10 +174,11 @@ class FedAvgWorkerManager(ServerWorkManager):
         if partial is None:
             self.send_message(reply)
         else:
-            self._deliver_partial_sum(msg, partial, reply, received)
+            self._deliver_partial_sum(msg, partial, reply, received, early)
 
     # -- partial sums and their per-host combining -----------------------------------
-    def _deliver_partial_sum(self, msg: Message, partial: PartialSum, reply: Message, received: float) -> None:
+    def _deliver_partial_sum(self, msg: Message, partial: PartialSum, reply: Message, received: float,
+                             early: List[Message]) -> None:
         """Send this round's partial sum as the train message says: to the host's
         combiner (then ``reply`` without it), or with ``reply`` once the peers' sums this
         worker combines are in it (none: at once).
@@ -185,6 +188,7 @@ class FedAvgWorkerManager(ServerWorkManager):
             partial: this worker's clients folded.
             reply: the round's ``C2S_CLIENTS_TRAINED``, without the sum.
             received: when ``msg`` arrived (``time.monotonic()``).
+            early: the peers' sums of this round that came before ``msg``.
         """
         self._combine_seconds = msg.params.get(MyMessage.MSG_ARG_KEY_COMBINE_SECONDS)
         deadline = None if self._combine_seconds is None else received + float(self._combine_seconds)
@@ -197,10 +201,8 @@ class FedAvgWorkerManager(ServerWorkManager):
                  for rank, clients in (msg.params.get(MyMessage.MSG_ARG_KEY_COMBINE_FROM) or {}).items()}
         self._combination = HostCombination(reply.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX), partial, peers, deadline)
         self._combined_reply = reply
-        early, self._early_sums = self._early_sums, []
         for sum_msg in early:
-            if sum_msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX) == self._combination.round_idx:
-                self._offer(sum_msg)
+            self._offer(sum_msg)
         for rank in self._dead:
             self._combination.lose(rank, "its process died")
         self._send_combined_if_complete()
