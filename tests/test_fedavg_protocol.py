@@ -12,7 +12,7 @@ from fedml_api.distributed.fedavg.FedAVGTrainer import FedAVGTrainer, UserCodeEr
 from fedml_core.aggregation import FedAvg
 from fedml_core.distributed.communication.inprocess_transport import InProcessHub
 from fedml_core.trainer.result_aggregator import WeightedMeanResultAggregator
-from tiny_federation import TinyTrainer, make_model, reference_fedavg, sampled_clients, write_client_data
+from tiny_federation import ProcessDied, TinyTrainer, make_model, reference_fedavg, sampled_clients, write_client_data
 
 
 def federation_args(clients, per_round, rounds, data_path, run_dir, *extra):
@@ -24,7 +24,8 @@ def federation_args(clients, per_round, rounds, data_path, run_dir, *extra):
 def run_federation(tmp_path, clients=4, per_round=2, rounds=3, test_every=2, extra=(), trainer_factory=TinyTrainer,
                    strategy_factory=None, workers=None, **arguments):
     """Run the server and the clients as threads over the in-process transport; returns
-    (data_path, run_dir, {process_id: exception}) once every thread has ended.
+    (data_path, run_dir, {process_id: exception}) once every thread has ended. A thread
+    that raises :class:`ProcessDied` is a dead process: the others are told (as ULFM does).
 
     ``strategy_factory()``: each process's strategy (default: from the arguments);
     ``workers``: run ``--worker_processes workers`` instead of one process per client;
@@ -48,6 +49,8 @@ def run_federation(tmp_path, clients=4, per_round=2, rounds=3, test_every=2, ext
                                      strategy=strategy_factory() if strategy_factory is not None else None)
         except BaseException as error:  # reported to the test; a thread cannot raise into pytest
             errors[pid] = error
+            if isinstance(error, ProcessDied):
+                hub.fail(pid)
 
     threads = [threading.Thread(target=process, args=(pid,), daemon=True) for pid in range(processes)]
     for t in threads:

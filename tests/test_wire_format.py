@@ -123,6 +123,31 @@ def test_inprocess_transport_copies_every_dtype_bit_exactly_and_keeps_order():
     assert client.receive(timeout=0.01) is None
 
 
+def test_inprocess_transport_delivers_between_any_two_ranks():
+    # Workers send each other partial sums (per-host combining), not only the server.
+    hub = InProcessHub(4)
+    hub.transport(3).send(Message(20, 3, 2, {"round_idx": 1}, {"sum:float32": torch.arange(3.0)}))
+    got = hub.transport(2).receive(timeout=1)
+    assert (got.sender_id, got.receiver_id) == (3, 2) and torch.equal(got.tensors["sum:float32"], torch.arange(3.0))
+
+
+def test_a_failed_rank_is_reported_once_to_every_other_rank_and_cannot_be_sent_to():
+    from fedml_core.distributed.communication.transport import PeerFailure
+
+    hub = InProcessHub(3)
+    server, worker, dying = hub.transport(0), hub.transport(1), hub.transport(2)
+    dying.send(Message(7, 2, 1))  # sent before it died: still delivered
+    hub.fail(2)
+    assert worker.receive(timeout=1).msg_type == 7
+    for transport in (server, worker):
+        with pytest.raises(PeerFailure) as failure:
+            transport.receive(timeout=1)
+        assert failure.value.ranks == {2}
+        assert transport.receive(timeout=0.01) is None  # reported once
+    with pytest.raises(PeerFailure):
+        worker.send(Message(8, 1, 2))
+
+
 def test_params_that_are_not_plain_json_are_refused_by_the_sender():
     hub = InProcessHub(2)
     with pytest.raises(TypeError, match="message params must be plain JSON data"):

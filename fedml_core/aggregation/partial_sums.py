@@ -5,7 +5,9 @@ With many clients per worker process (``--worker_processes``), sending every cli
 state to the server would cost a model per client on the wire; instead each worker
 sends ``S = sum_i n_i * x_i`` over its clients (``n_i``: the client's sample number,
 ``x_i``: its state) with ``N = sum_i n_i``, and the server computes
-``mean = (sum_k S_k) / (sum_k N_k)``.
+``mean = (sum_k S_k) / (sum_k N_k)``. On several hosts, the workers of a host may add
+their sums together first (:meth:`PartialSum.add_sum`; see
+fedml_api/distributed/fedavg/host_combining.py), which changes nothing below.
 
 Exactness: the sums are kept in float64, with the model's grouping (one vector per
 dtype of the model, in the model's packed order). A float32 value times an integer
@@ -59,6 +61,17 @@ class PartialSum:
         self.clients.append(client_id)
         return None
 
+    def add_sum(self, clients: List[int], tensors: Dict[str, torch.Tensor]) -> None:
+        """Fold another worker's partial sum of ``clients`` (its :meth:`tensors`, as
+        received; none when it folded no client) into this one: per-host combining.
+        Raises ValueError, folding nothing, unless the vectors are this sum's layout."""
+        if not clients:
+            return
+        sums = _partial_sum_vectors(tensors, {dtype: total.numel() for dtype, total in self.sums.items()})
+        for dtype, total in self.sums.items():
+            total.add_(sums[dtype])  # float64 sums of exact products: exact, as the server's are
+        self.clients.extend(clients)
+
     def tensors(self) -> Dict[str, torch.Tensor]:
         """The sums as named float64 vectors for a message (``sum:<dtype>``)."""
         return {PARTIAL_PREFIX + dtype_name(dtype): total for dtype, total in self.sums.items()}
@@ -67,12 +80,16 @@ class PartialSum:
 def received_partial_sum(tensors: Dict[str, torch.Tensor], template: PackedTensors) -> Dict[torch.dtype, torch.Tensor]:
     """A partial sum's vectors from a message, by the model dtype they sum; raises
     ValueError unless there is one float64 vector per dtype of ``template``, of its size."""
+    return _partial_sum_vectors(tensors, {dtype: group.numel() for dtype, group in template.groups.items()})
+
+
+def _partial_sum_vectors(tensors: Dict[str, torch.Tensor], expected: Dict[torch.dtype, int]) -> Dict[torch.dtype, torch.Tensor]:
+    """``tensors`` by the model dtype they sum, checked against ``expected`` (dtype -> elements)."""
     sums = {}
     for name, tensor in tensors.items():
         if not name.startswith(PARTIAL_PREFIX):
             raise ValueError(f"a partial sum's tensors are named {PARTIAL_PREFIX}<dtype>, got {name!r}")
         sums[dtype_from_name(name[len(PARTIAL_PREFIX):])] = tensor
-    expected = {dtype: group.numel() for dtype, group in template.groups.items()}
     got = {dtype: t.numel() for dtype, t in sums.items() if t.dtype == torch.float64 and t.dim() == 1}
     if got != expected or len(got) != len(sums):
         raise ValueError(f"the partial sum holds {[(dtype_name(d), t.dtype, tuple(t.shape)) for d, t in sums.items()]}, "

@@ -15,7 +15,8 @@ from .algorithm_messages import received_tensors, tensors_message
 from .checkpoint import ServerCheckpoint
 from .client_assignment import assign_clients
 from .FedAVGAggregator import FedAVGAggregator
-from .FedAvgServerManager import FederationError, FedAVGServerManager, release_clients
+from .FedAvgServerManager import FINISH_SEND_TIMEOUT, FederationError, FedAVGServerManager, release_clients
+from .host_combining import COMBINE_SHARE, combining_plan, host_name
 from .message_define import MyMessage
 
 NEVER_COUNTED = "its sample numbers were never counted: its worker process did not start in time"
@@ -33,12 +34,22 @@ class FedAvgPoolServerManager(FedAVGServerManager):
     algorithm needs only the weighted mean (``accepts_partial_sums``), else it sends
     each client's update.
 
+    Per-host combining (``args.combine_per_host``, see :mod:`.host_combining`): in a
+    train phase with partial sums, the workers of each host but the server's that has
+    two or more of the phase's workers send their sums to the lowest-ranked of them,
+    which sends the server one sum for the host. Every worker still answers the server
+    itself (failures, timings, proof of life); a peer's clients count only through its
+    combiner's sum, which may name only the clients assigned to it and to its peers.
+
     Failures: a client whose code raised (or whose samples could not be counted) is
     left out of later rounds, as in the one-process-per-client mode. A worker that
     dies, misses the phase's deadline or cannot be sent to takes that phase's clients
     with it: they are recorded failed for the round only, and are assigned to the
     remaining workers in later rounds; the worker gets no more work unless a late reply
-    proves it back. With no worker left, the run stops (:class:`FederationError`).
+    proves it back. A combiner takes its peers' clients of the phase with it too; a
+    peer whose sum its combiner did not get fails its own clients for the round (the
+    server tells the combiner when it gives up on a peer, so it need not wait for it).
+    With no worker left, the run stops (:class:`FederationError`).
     """
 
     process_noun = "worker"
@@ -53,6 +64,11 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         self._assigned: Dict[int, List[int]] = {}  # worker -> its clients in the current phase
         self._arrived: set = set()  # clients whose own update arrived in this phase (algorithms without partial sums)
         self._partial_sums = aggregator.strategy.accepts_partial_sums
+        self.hosts: Dict[int, str] = {}  # worker -> its host, as it reported it
+        self.host = host_name(self.rank)
+        self._combine = self._partial_sums and args.combine_per_host == "on"
+        self._peers_of: Dict[int, List[int]] = {}  # combiner -> its peers, in the current phase
+        self._combiner_of: Dict[int, int] = {}  # peer -> its combiner, in the current phase
 
     def register_message_receive_handlers(self) -> None:
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_WORKER_READY, self.handle_message_worker_ready)
@@ -74,6 +90,9 @@ class FedAvgPoolServerManager(FedAVGServerManager):
 
     def handle_message_worker_ready(self, msg: Message) -> None:
         sender = msg.get_sender_id()
+        host = msg.params.get(MyMessage.MSG_ARG_KEY_HOST)
+        if isinstance(host, str):
+            self.hosts[sender] = host
         for client, numbers in _by_client(msg.get(MyMessage.MSG_ARG_KEY_SAMPLE_NUMBERS)).items():
             self.sample_numbers[client] = (int(numbers[0]), int(numbers[1]))
             if self.failed.get(client) == NEVER_COUNTED:  # its worker is late, not gone
@@ -105,8 +124,10 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         column = 0 if phase == "train" else 1
         self._assigned = assign_clients(clients, self.live_workers(), {c: self.sample_numbers[c][column] for c in clients})
         self._record.setdefault("assignments", {})[phase] = {str(rank): chosen for rank, chosen in self._assigned.items()}
+        self._plan_combining(phase)
         self._open_phase(phase, list(self._assigned))
         self._arrived = set()
+        combining = self._combining_params()
         instructions = self.aggregator.configure_round(self.round_idx, clients) if phase == "train" else {}
         messages = []
         for rank, chosen in self._assigned.items():
@@ -123,9 +144,38 @@ class FedAvgPoolServerManager(FedAVGServerManager):
             if phase == "train":
                 message.add_params(MyMessage.MSG_ARG_KEY_CONFIGS, {str(c): instructions[c].config for c in chosen})
                 message.add_params(MyMessage.MSG_ARG_KEY_PARTIAL_SUM, self._partial_sums)
+                for key, value in combining.get(rank, {}).items():
+                    message.add_params(key, value)
             message.set_packed(self.aggregator.global_model)
             messages.append(message)
         self._send_phase(messages)
+
+    def _plan_combining(self, phase: str) -> None:
+        """Who combines whose partial sums in this phase (train phases with partial sums
+        only), recorded in the round's ``combined_sums`` (combiner -> peers)."""
+        plan = combining_plan(self._assigned, self.hosts, self.host) if phase == "train" and self._combine else {}
+        self._peers_of = plan
+        self._combiner_of = {peer: combiner for combiner, peers in plan.items() for peer in peers}
+        if plan:
+            self._record["combined_sums"] = {str(combiner): peers for combiner, peers in plan.items()}
+
+    def _combining_params(self) -> Dict[int, Dict[str, Any]]:
+        """The combining params of each combiner's and peer's train message: the combine
+        deadline is :data:`COMBINE_SHARE` of the phase's timeout, so that the combiner's
+        answer arrives before the server's deadline."""
+        seconds = None if self.deadline is None else COMBINE_SHARE * max(0.0, self.deadline - time.monotonic())
+        params: Dict[int, Dict[str, Any]] = {}
+        for combiner, peers in self._peers_of.items():
+            params[combiner] = {MyMessage.MSG_ARG_KEY_COMBINE_FROM: {str(p): self._assigned[p] for p in peers},
+                                MyMessage.MSG_ARG_KEY_COMBINE_SECONDS: seconds}
+            for peer in peers:
+                params[peer] = {MyMessage.MSG_ARG_KEY_COMBINE_TO: combiner, MyMessage.MSG_ARG_KEY_COMBINE_SECONDS: seconds}
+        return params
+
+    def _carried(self, rank: int) -> List[int]:
+        """The clients whose partial sum ``rank``'s reply carries in this phase: its own
+        and, for a combiner, its peers'."""
+        return [c for r in (rank, *self._peers_of.get(rank, ())) for c in self._assigned.get(r, ())]
 
     def _expected_client(self, msg: Message, phase: str, client: int) -> bool:
         return self._expected(msg, phase) and client in self._assigned.get(msg.get_sender_id(), ())
@@ -164,8 +214,14 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         for client, reason in _by_client(msg.get(MyMessage.MSG_ARG_KEY_REJECTED)).items():
             if client in mine:
                 self._reject_update(client, reason)
-        if self._partial_sums and msg.tensors:
-            self._add_partial_sum(sender, msg, mine)
+        if sender in self._combiner_of:
+            if msg.tensors:  # it was told to send it to its combiner, which may carry it too
+                logging.warning("server: round %d: ignoring the partial sum worker %d sent directly; worker %d carries "
+                                "its clients", self.round_idx, sender, self._combiner_of[sender])
+        elif self._partial_sums and msg.tensors:
+            self._add_partial_sum(sender, msg)
+        if sender in self._peers_of:
+            self._missing_sums(sender, msg)
         self._train_seconds.append(float(msg.get(MyMessage.MSG_ARG_KEY_SECONDS)))
         self._waiting.discard(sender)
         self._maybe_end_phase()
@@ -179,19 +235,45 @@ class FedAvgPoolServerManager(FedAVGServerManager):
                 self._client_failed(client, reason)
         return mine
 
-    def _add_partial_sum(self, sender: int, msg: Message, mine: set) -> None:
+    def _add_partial_sum(self, sender: int, msg: Message) -> None:
+        # Each client is carried by one worker's reply, and each reply is taken once (the
+        # sender leaves _waiting): no client can be counted twice.
         folded = [int(c) for c in msg.get(MyMessage.MSG_ARG_KEY_CLIENTS)]
+        carried = self._carried(sender)
         try:
-            if not set(folded) <= mine:
-                raise ValueError(f"worker {sender}'s partial sum names clients {folded}, not all of its {sorted(mine)}")
+            if not set(folded) <= set(carried):
+                whose = f"workers {[sender, *self._peers_of[sender]]}" if sender in self._peers_of else "it"
+                raise ValueError(f"worker {sender}'s partial sum names clients {folded}, not all assigned to "
+                                 f"{whose}: {sorted(carried)}")
             sums = received_partial_sum(msg.tensors, self.aggregator.global_model)
             # Weighted as the worker weighted it: by the sample numbers it reported at start.
             self.aggregator.add_partial_sum(sender, sums, sum(self.sample_numbers[c][0] for c in folded))
         except ValueError as error:
-            for client in folded:
+            for client in sorted(set(folded) & set(carried)):  # another worker's clients are that worker's to count
                 self._reject_update(client, f"in worker {sender}'s partial sum: {error}")
         else:
             self._accepted += len(folded)
+
+    def _missing_sums(self, combiner: int, msg: Message) -> None:
+        """The peers whose sums combiner ``combiner`` says it did not add: their clients
+        (not in its sum) fail for the round, recorded in ``missing_sums`` (peer -> why)."""
+        folded = {int(c) for c in msg.params.get(MyMessage.MSG_ARG_KEY_CLIENTS, ())}
+        for peer, reason in _by_client(msg.params.get(MyMessage.MSG_ARG_KEY_MISSING)).items():
+            if peer not in self._peers_of[combiner]:
+                continue
+            self._record.setdefault("missing_sums", {})[str(peer)] = str(reason)
+            if peer in self.lost_workers:
+                why = f"its worker process {peer} failed: {self.lost_workers[peer]}"
+            else:
+                why = (f"its worker process {peer}'s partial sum did not reach worker {combiner}, which combines "
+                       f"host {self.hosts.get(combiner)}'s: {reason}")
+            self._fail_for_round([c for c in self._assigned[peer] if c not in folded], why)
+
+    def _fail_for_round(self, clients: List[int], reason: str) -> None:
+        """Record ``clients`` failed in this round only (their worker's fault, not theirs)."""
+        failures = self._record.setdefault("failures", {})
+        for client in clients:
+            failures.setdefault(str(client), reason)
 
     def handle_message_clients_tested(self, msg: Message) -> None:
         sender = msg.get_sender_id()
@@ -218,20 +300,40 @@ class FedAvgPoolServerManager(FedAVGServerManager):
 
     def _process_failed(self, rank: int, reason: str) -> None:
         """Worker ``rank`` failed: it gets no more work (until it proves back), and the
-        clients it was serving in this phase are recorded failed for this round (but
-        for those whose own update arrived before: it is aggregated)."""
+        clients whose sums its reply was to carry in this phase (a combiner's: its peers'
+        too) are recorded failed for this round (but for those whose own update arrived
+        before: it is aggregated). A peer's clients are its combiner's to carry, which is
+        told not to wait for its sum."""
         if rank in self.lost_workers:
             return
         logging.error("server: round %d: worker %d failed: %s", self.round_idx, rank, reason)
         self.lost_workers[rank] = reason
         self.transport.abandon(rank)
         self._record.setdefault("lost_workers", {})[str(rank)] = reason
-        if rank in self._waiting:
-            self._waiting.discard(rank)
-            failures = self._record.setdefault("failures", {})
-            for client in self._assigned.get(rank, ()):
-                if client not in self._arrived:
-                    failures.setdefault(str(client), f"its worker process {rank} failed: {reason}")
+        if rank not in self._waiting:
+            return
+        self._waiting.discard(rank)
+        if rank in self._combiner_of:  # its clients' fate is its combiner's: tell it not to wait for this one
+            self._tell_combiner(rank, reason)
+            return
+        self._fail_for_round([c for c in self._assigned.get(rank, ()) if c not in self._arrived],
+                             f"its worker process {rank} failed: {reason}")
+        for peer in self._peers_of.get(rank, ()):
+            self._fail_for_round(self._assigned[peer], f"worker {rank}, which was to combine the partial sum of its "
+                                                       f"worker process {peer}, failed: {reason}")
+
+    def _tell_combiner(self, peer: int, reason: str) -> None:
+        """Tell ``peer``'s combiner, if it has not answered yet, that its sum is not coming."""
+        combiner = self._combiner_of[peer]
+        if combiner not in self._waiting:
+            return
+        notice = Message(MyMessage.MSG_TYPE_S2C_PEER_LOST, self.rank, combiner)
+        notice.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, self.round_idx)
+        notice.add_params(MyMessage.MSG_ARG_KEY_WORKER, peer)
+        notice.add_params(MyMessage.MSG_ARG_KEY_ERROR, reason)
+        # A tiny message: a live combiner takes it at once.
+        for rank, error in self.transport.send_many([notice], timeout=FINISH_SEND_TIMEOUT).items():
+            self._process_failed(rank, f"could not be told that worker {peer} was lost: {error}")
 
     def _client_failed(self, client: int, reason: str) -> None:
         """Client ``client``'s code raised: it is left out of later rounds."""

@@ -14,13 +14,14 @@ from fedml_core.aggregation.partial_sums import PartialSum
 from fedml_core.aggregation.registry import client_algorithms
 from fedml_core.distributed.communication.message import Message
 from fedml_core.distributed.communication.packed_tensors import PackedTensors
-from fedml_core.distributed.communication.transport import Transport
+from fedml_core.distributed.communication.transport import PeerFailure, Transport, TransportTimeout
 from fedml_core.trainer.model_trainer import ModelTrainer
 
 from .algorithm_messages import received_tensors, tensors_message
 from .client_assignment import client_share
 from .FedAVGTrainer import FedAVGTrainer, UserCodeError
 from .FedAvgClientManager import ServerWorkManager
+from .host_combining import COMBINE_SHARE, HostCombination, host_name
 from .message_define import MyMessage
 
 
@@ -36,6 +37,10 @@ class FedAvgWorkerManager(ServerWorkManager):
 
     An exception in the user's code fails that client only (reported to the server,
     which leaves it out of later rounds); the worker goes on with the next client.
+
+    With partial sums on a host other than the server's, the server may make this
+    worker its host's combiner (it adds its peers' sums to its own before it answers)
+    or a peer (it sends its sum to the combiner): see :mod:`.host_combining`.
 
     Args:
         args: the run's arguments (``data_path``, ``client_num_in_total``, ``worker_processes``, ...).
@@ -57,12 +62,21 @@ class FedAvgWorkerManager(ServerWorkManager):
         self.sample_numbers: Dict[int, Tuple[int, int]] = {}
         self._state: Optional[PackedTensors] = None  # reused packing buffer of one client's trained state
         self._client_tensors: Dict[int, Dict[str, torch.Tensor]] = {}  # client: extra tensors sent for this round
+        self.host = host_name(self.rank)  # reported to the server, which plans the per-host combining
+        self._train_round = -1  # the last round this worker was sent clients to train
+        self._combination: Optional[HostCombination] = None  # this round's, while it waits for its peers' sums
+        self._combined_reply: Optional[Message] = None  # the reply to send once the combination is complete
+        self._combine_seconds: Optional[float] = None
+        self._early_sums: List[Message] = []  # peers' sums that came before our own train message of their round
+        self._dead: set = set()  # ranks the transport reported dead
 
     def register_message_receive_handlers(self) -> None:
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_TRAIN_CLIENTS, self.handle_message_train_clients)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_TEST_CLIENTS, self.handle_message_test_clients)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_FINISH, self.handle_message_finish)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.handle_message_client_tensors)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_W2W_PARTIAL_SUM, self.handle_message_partial_sum)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_PEER_LOST, self.handle_message_peer_lost)
 
     def handle_message_client_tensors(self, msg: Message) -> None:
         # Copied: the receive buffer is the transport's to recycle.
@@ -96,11 +110,17 @@ class FedAvgWorkerManager(ServerWorkManager):
         ready = Message(MyMessage.MSG_TYPE_C2S_WORKER_READY, self.rank, 0)
         ready.add_params(MyMessage.MSG_ARG_KEY_SAMPLE_NUMBERS, {str(c): list(n) for c, n in self.sample_numbers.items()})
         ready.add_params(MyMessage.MSG_ARG_KEY_FAILURES, failures)
+        ready.add_params(MyMessage.MSG_ARG_KEY_HOST, self.host)
         self.send_message(ready)
         super().run()
 
     def handle_message_train_clients(self, msg: Message) -> None:
+        received = time.monotonic()  # the combine deadline counts from here
         round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
+        self._stop_combining(f"the server had moved on to round {round_idx}")  # it gave up on our reply
+        self._train_round = round_idx
+        # Sums kept for an earlier round are stale; this round's are taken if this worker combines.
+        early, self._early_sums = [m for m in self._early_sums if m.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX) == round_idx], []
         clients: List[int] = [int(c) for c in msg.get(MyMessage.MSG_ARG_KEY_CLIENTS)]
         configs = msg.get(MyMessage.MSG_ARG_KEY_CONFIGS)
         algorithms = {config.get("algorithm") for config in configs.values()}
@@ -146,14 +166,127 @@ class FedAvgWorkerManager(ServerWorkManager):
         self._client_tensors.clear()  # those of clients that failed before training
         seconds = time.perf_counter() - start
         logging.info("worker %d: round %d: trained %d clients in %.2f s", self.rank, round_idx, trained, seconds)
-        reply = Message(MyMessage.MSG_TYPE_C2S_CLIENTS_TRAINED, self.rank, 0,
-                        tensors=partial.tensors() if partial is not None and partial.clients else None)
+        reply = Message(MyMessage.MSG_TYPE_C2S_CLIENTS_TRAINED, self.rank, 0)
         reply.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
         reply.add_params(MyMessage.MSG_ARG_KEY_FAILURES, failures)
         reply.add_params(MyMessage.MSG_ARG_KEY_REJECTED, rejected)
         reply.add_params(MyMessage.MSG_ARG_KEY_SECONDS, seconds)
-        if partial is not None:
-            reply.add_params(MyMessage.MSG_ARG_KEY_CLIENTS, partial.clients)
+        if partial is None:
+            self.send_message(reply)
+        else:
+            self._deliver_partial_sum(msg, partial, reply, received, early)
+
+    # -- partial sums and their per-host combining -----------------------------------
+    def _deliver_partial_sum(self, msg: Message, partial: PartialSum, reply: Message, received: float,
+                             early: List[Message]) -> None:
+        """Send this round's partial sum as the train message says: to the host's
+        combiner (then ``reply`` without it), or with ``reply`` once the peers' sums this
+        worker combines are in it (none: at once).
+
+        Args:
+            msg: the train message (``combine_to``, ``combine_from``, ``combine_seconds``).
+            partial: this worker's clients folded.
+            reply: the round's ``C2S_CLIENTS_TRAINED``, without the sum.
+            received: when ``msg`` arrived (``time.monotonic()``).
+            early: the peers' sums of this round that came before ``msg``.
+        """
+        self._combine_seconds = msg.params.get(MyMessage.MSG_ARG_KEY_COMBINE_SECONDS)
+        deadline = None if self._combine_seconds is None else received + float(self._combine_seconds)
+        combiner = msg.params.get(MyMessage.MSG_ARG_KEY_COMBINE_TO)
+        if combiner is not None:
+            self._send_to_combiner(int(combiner), reply.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX), partial, deadline)
+            self.send_message(reply)
+            return
+        peers = {int(rank): [int(c) for c in clients]
+                 for rank, clients in (msg.params.get(MyMessage.MSG_ARG_KEY_COMBINE_FROM) or {}).items()}
+        self._combination = HostCombination(reply.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX), partial, peers, deadline)
+        self._combined_reply = reply
+        for sum_msg in early:
+            self._offer(sum_msg)
+        for rank in self._dead:
+            self._combination.lose(rank, "its process died")
+        self._send_combined_if_complete()
+
+    def _send_to_combiner(self, combiner: int, round_idx: int, partial: PartialSum, deadline: Optional[float]) -> None:
+        """Send this worker's partial sum (with the clients it folded, maybe none) to
+        ``combiner``, waiting no longer than the combiner does: a frozen combiner must
+        not hold up this worker's reply (its failure fails our clients anyway)."""
+        message = Message(MyMessage.MSG_TYPE_W2W_PARTIAL_SUM, self.rank, combiner,
+                          tensors=partial.tensors() if partial.clients else None)
+        message.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
+        message.add_params(MyMessage.MSG_ARG_KEY_CLIENTS, partial.clients)
+        try:
+            self.transport.send(message, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except (TransportTimeout, PeerFailure) as error:
+            logging.warning("worker %d: round %d: could not send the partial sum to worker %d, which combines this "
+                            "host's: %s", self.rank, round_idx, combiner, error)
+
+    def handle_message_partial_sum(self, msg: Message) -> None:
+        """A peer's partial sum, for the combination of its round."""
+        round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
+        if self._combination is not None and self._combination.round_idx == round_idx:
+            self._offer(msg)
+            self._send_combined_if_complete()
+        elif round_idx > self._train_round:
+            # Messages of two senders may cross: our own train message of that round is still to come.
+            self._early_sums.append(msg)
+        else:
+            logging.warning("worker %d: ignoring worker %d's partial sum for round %s: it came after this worker had "
+                            "sent its own", self.rank, msg.get_sender_id(), round_idx)
+
+    def _offer(self, msg: Message) -> None:
+        """Add a peer's sum (``W2W_PARTIAL_SUM``) to the combination of its round."""
+        ignored = self._combination.add(msg.get_sender_id(), [int(c) for c in msg.get(MyMessage.MSG_ARG_KEY_CLIENTS)],
+                                        msg.tensors)
+        if ignored is not None:
+            logging.warning("worker %d: ignoring a partial sum: %s", self.rank, ignored)
+
+    def handle_message_peer_lost(self, msg: Message) -> None:
+        """The server gave up on a peer: its sum is not awaited any more."""
+        combination = self._combination
+        if combination is not None and combination.round_idx == msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX):
+            combination.lose(int(msg.get(MyMessage.MSG_ARG_KEY_WORKER)), str(msg.get(MyMessage.MSG_ARG_KEY_ERROR)))
+            self._send_combined_if_complete()
+
+    def on_peer_failure(self, ranks) -> None:
+        super().on_peer_failure(ranks)  # raises ServerLost if the server died
+        self._dead.update(ranks)
+        if self._combination is not None:
+            for rank in ranks:
+                self._combination.lose(rank, "its process died")
+            self._send_combined_if_complete()
+
+    def on_deadline(self) -> None:
+        """The combine deadline passed: send what arrived."""
+        self._stop_combining(f"its partial sum did not arrive within {self._combine_seconds:.3g} s "
+                             f"({COMBINE_SHARE:.0%} of the phase's timeout)")
+
+    def _stop_combining(self, reason: str) -> None:
+        """Send the pending combination (if any) with what arrived; the others' sums are missing for ``reason``."""
+        if self._combination is not None:
+            self._combination.give_up(reason)
+            self._send_combined_if_complete()
+
+    def _send_combined_if_complete(self) -> None:
+        """Send the combination's reply once no peer's sum is awaited; until then, wake
+        at its deadline."""
+        combination = self._combination
+        if combination is None:
+            return
+        if not combination.complete:
+            self.deadline = combination.deadline
+            return
+        self._combination, self.deadline = None, None
+        total = combination.total
+        reply = Message(MyMessage.MSG_TYPE_C2S_CLIENTS_TRAINED, self.rank, 0, params=self._combined_reply.params,
+                        tensors=total.tensors() if total.clients else None)
+        reply.add_params(MyMessage.MSG_ARG_KEY_CLIENTS, total.clients)
+        if combination.peers:
+            reply.add_params(MyMessage.MSG_ARG_KEY_MISSING, {str(rank): why for rank, why in combination.missing.items()})
+            logging.info("worker %d: round %d: combined the partial sums of workers %s with its own (missing: %s)",
+                         self.rank, combination.round_idx, sorted(set(combination.peers) - set(combination.missing)),
+                         combination.missing or "none")
+        self._combined_reply = None
         self.send_message(reply)
 
     def _pack(self, state: Dict[str, torch.Tensor], template: PackedTensors) -> Optional[PackedTensors]:
@@ -165,6 +298,7 @@ class FedAvgWorkerManager(ServerWorkManager):
 
     def handle_message_test_clients(self, msg: Message) -> None:
         round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
+        self._stop_combining(f"the server had moved on to round {round_idx}'s test")  # it gave up on our reply
         results: Dict[str, Dict[str, Any]] = {}
         failures: Dict[str, str] = {}
         start = time.perf_counter()

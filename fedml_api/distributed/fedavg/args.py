@@ -93,6 +93,10 @@ def add_federation_args(parser: argparse.ArgumentParser, default_data_path: Opti
     group.add_argument("--client_cache_mb", type=float, default=None,
                        help="with --worker_processes: memory each worker may keep client datasets in, least recently "
                             "used first out (default: no limit)")
+    group.add_argument("--combine_per_host", choices=["on", "off"], default="on",
+                       help="with --worker_processes and an algorithm that takes partial sums: on: the workers of a "
+                            "host other than the server's add their partial sums together, and one sum per host "
+                            "reaches the server (the same model, bit for bit); off: every worker sends its own")
     add_optimizer_args(parser)
     return parser
 

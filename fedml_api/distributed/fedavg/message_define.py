@@ -30,7 +30,16 @@ client -> reason; ``seconds``: the whole assignment), which carries the partial 
 the clients it folded (``clients``; weighted by the sample numbers it reported at
 start; see fedml_core/aggregation/partial_sums.py); without
 ``partial_sum``, each client's update goes first as ``C2S_SEND_MODEL_TO_SERVER`` with
-its ``client``. Test rounds: ``S2C_TEST_CLIENTS`` (the model, ``clients``), answered by
+its ``client``. Per-host combining (see host_combining.py): ``C2S_WORKER_READY`` also
+carries the worker's ``host``; in a train phase with partial sums, the server tells
+each peer ``combine_to`` (its host's combiner) and each combiner ``combine_from`` (peer
+-> the clients assigned to it), both with ``combine_seconds`` (how long the combiner
+waits for the peers' sums; null: until they arrive or are known lost). A peer sends its
+partial sum as ``W2W_PARTIAL_SUM`` (``clients``) to its combiner, then its
+``C2S_CLIENTS_TRAINED`` without the sum; the combiner's carries the host's sum
+(``clients``: every client folded) and ``missing`` (peer -> why its sum is not in it).
+The server sends a combiner ``S2C_PEER_LOST`` (``worker``, ``error``) when it gives up
+on one of its peers before the combiner has answered. Test rounds: ``S2C_TEST_CLIENTS`` (the model, ``clients``), answered by
 ``C2S_CLIENTS_TESTED`` (``results``: client -> {result, sample_number}; ``failures``).
 JSON keys are strings: client ids travel as ``"17"``.
 """
@@ -44,6 +53,7 @@ class MyMessage:
     MSG_TYPE_S2C_ROUND_TENSORS = 4
     MSG_TYPE_S2C_TRAIN_CLIENTS = 5
     MSG_TYPE_S2C_TEST_CLIENTS = 6
+    MSG_TYPE_S2C_PEER_LOST = 7
 
     # client -> server
     MSG_TYPE_C2S_CLIENT_READY = 10
@@ -54,6 +64,9 @@ class MyMessage:
     MSG_TYPE_C2S_WORKER_READY = 15
     MSG_TYPE_C2S_CLIENTS_TRAINED = 16
     MSG_TYPE_C2S_CLIENTS_TESTED = 17
+
+    # worker -> worker
+    MSG_TYPE_W2W_PARTIAL_SUM = 20
 
     # params
     MSG_ARG_KEY_ROUND_INDEX = "round_idx"
@@ -74,3 +87,9 @@ class MyMessage:
     MSG_ARG_KEY_REJECTED = "rejected"
     MSG_ARG_KEY_SECONDS = "seconds"
     MSG_ARG_KEY_RESULTS = "results"
+    MSG_ARG_KEY_HOST = "host"
+    MSG_ARG_KEY_COMBINE_TO = "combine_to"
+    MSG_ARG_KEY_COMBINE_FROM = "combine_from"
+    MSG_ARG_KEY_COMBINE_SECONDS = "combine_seconds"
+    MSG_ARG_KEY_MISSING = "missing"
+    MSG_ARG_KEY_WORKER = "worker"
