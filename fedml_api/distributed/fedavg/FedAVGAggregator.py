@@ -93,6 +93,10 @@ class FedAVGAggregator:
             instructions[client] = ClientInstructions({"algorithm": self.strategy.name, **own.config}, own.tensors)
         return instructions
 
+    def configure_test(self, round_idx: int, clients: Sequence[int]) -> Dict[int, ClientInstructions]:
+        """The strategy's instructions for the ``clients`` that test the new global model."""
+        return self.strategy.configure_test(round_idx, clients, self.global_model)
+
     def add_local_trained_result(self, client_id: int, params: PackedTensors, sample_number: int,
                                  tensors: Optional[PackedTensors] = None, metadata: Optional[Mapping[str, Any]] = None) -> None:
         """Hand one update to the strategy after checking its extra tensors (the ones

@@ -129,9 +129,16 @@ class FedAVGTrainer:
         seconds = time.perf_counter() - start
         return state, self.train_sample_number, seconds, report
 
-    def test(self) -> Tuple[Dict[str, Any], int, float]:
-        """Test the current model on this client's test data; (metrics, sample number, seconds)."""
+    def test(self, round_idx: int = 0, config: Optional[Mapping[str, Any]] = None,
+             tensors: Optional[Mapping[str, torch.Tensor]] = None) -> Tuple[Dict[str, Any], int, float]:
+        """Test the current model on this client's test data; (metrics, sample number,
+        seconds). The algorithms' ``before_test`` get the server's ``config`` and extra
+        ``tensors`` for this client's test in round ``round_idx`` first (e.g. its own
+        personal layers)."""
         start = time.perf_counter()
+        round_info = ClientRound(round_idx, self.client_id, dict(config or {}), dict(tensors or {}), self.args)
+        for algorithm in self.algorithms:
+            algorithm.before_test(self.trainer.model, round_info)
         result = self._call("test", self.device, self.args, self.test_path)
         seconds = time.perf_counter() - start
         try:

@@ -146,7 +146,8 @@ class FedAVGClientManager(ServerWorkManager):
     def handle_message_test_model_on_client(self, msg: Message) -> None:
         round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
         self._load_model(msg)
-        result, num_samples, seconds = self.trainer.test()
+        result, num_samples, seconds = self.trainer.test(round_idx, msg.params.get(MyMessage.MSG_ARG_KEY_CONFIG),
+                                                         self._round_tensors.pop(round_idx, {}))
         reply = Message(MyMessage.MSG_TYPE_C2S_SEND_TEST_RESULT, self.rank, 0)
         reply.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
         reply.add_params(MyMessage.MSG_ARG_KEY_TEST_RESULT, result)

@@ -11,7 +11,7 @@ from fedml_core.aggregation.partial_sums import received_partial_sum
 from fedml_core.distributed.communication.message import Message
 from fedml_core.distributed.communication.transport import Transport
 
-from .algorithm_messages import received_tensors, tensors_message
+from .algorithm_messages import received_tensors
 from .checkpoint import ServerCheckpoint
 from .client_assignment import assign_clients
 from .FedAVGAggregator import FedAVGAggregator
@@ -107,15 +107,11 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         self._record.setdefault("assignments", {})[phase] = {str(rank): chosen for rank, chosen in self._assigned.items()}
         self._open_phase(phase, list(self._assigned))
         self._arrived = set()
-        instructions = self.aggregator.configure_round(self.round_idx, clients) if phase == "train" else {}
+        instructions = self._instructions(phase, clients)
         messages = []
         for rank, chosen in self._assigned.items():
             for client in chosen:  # each client's extra tensors (e.g. SCAFFOLD's correction) before the assignment
-                if client in instructions and instructions[client].tensors:
-                    extra = tensors_message(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.rank, rank, self.round_idx,
-                                            instructions[client].tensors)
-                    extra.add_params(MyMessage.MSG_ARG_KEY_CLIENT, client)
-                    messages.append(extra)
+                messages.extend(self._client_messages(phase, client, rank, instructions.get(client)))
             message = Message(MyMessage.MSG_TYPE_S2C_TRAIN_CLIENTS if phase == "train" else MyMessage.MSG_TYPE_S2C_TEST_CLIENTS,
                               self.rank, rank)
             message.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, self.round_idx)
@@ -123,6 +119,8 @@ class FedAvgPoolServerManager(FedAVGServerManager):
             if phase == "train":
                 message.add_params(MyMessage.MSG_ARG_KEY_CONFIGS, {str(c): instructions[c].config for c in chosen})
                 message.add_params(MyMessage.MSG_ARG_KEY_PARTIAL_SUM, self._partial_sums)
+            elif any(c in instructions for c in chosen):  # the algorithm's test configs (none for most)
+                message.add_params(MyMessage.MSG_ARG_KEY_CONFIGS, {str(c): instructions[c].config for c in chosen if c in instructions})
             message.set_packed(self.aggregator.global_model)
             messages.append(message)
         self._send_phase(messages)

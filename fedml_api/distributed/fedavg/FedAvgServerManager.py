@@ -6,7 +6,7 @@ import time
 from argparse import Namespace
 from typing import Any, Dict, FrozenSet, List, Optional
 
-from fedml_core.aggregation import InvalidUpdate, check_layout
+from fedml_core.aggregation import ClientInstructions, InvalidUpdate, check_layout
 from fedml_core.distributed.communication.message import Message
 from fedml_core.distributed.communication.transport import PeerFailure, Transport
 from fedml_core.distributed.server.server_manager import ServerManager
@@ -247,14 +247,12 @@ class FedAVGServerManager(ServerManager):
     def _begin_phase(self, phase: str, clients: List[int], msg_type: int) -> None:
         """Send the global model to ``clients`` and wait for their replies (with a deadline)."""
         self._open_phase(phase, clients)
-        instructions = self.aggregator.configure_round(self.round_idx, clients) if phase == "train" else {}
+        instructions = self._instructions(phase, clients)
         messages = []
         for client_id in clients:
             if client_id in self.failed:
                 continue
-            if client_id in instructions and instructions[client_id].tensors:  # just before the model: messages keep their order
-                messages.append(tensors_message(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.rank, client_id, self.round_idx,
-                                                instructions[client_id].tensors))
+            messages.extend(self._client_messages(phase, client_id, client_id, instructions.get(client_id)))
             message = Message(msg_type, self.rank, client_id)
             message.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, self.round_idx)
             if client_id in instructions:
@@ -262,6 +260,25 @@ class FedAVGServerManager(ServerManager):
             message.set_packed(self.aggregator.global_model)
             messages.append(message)
         self._send_phase(messages)
+
+    def _instructions(self, phase: str, clients: List[int]) -> Dict[int, ClientInstructions]:
+        """The algorithm's instructions for the clients of a training or test phase."""
+        if phase == "train":
+            return self.aggregator.configure_round(self.round_idx, clients)
+        return self.aggregator.configure_test(self.round_idx, clients)
+
+    def _client_messages(self, phase: str, client_id: int, receiver: int, instructions: Optional[ClientInstructions]) -> List[Message]:
+        """What goes to ``receiver`` (the client, or the worker serving it) just before
+        ``client_id``'s work of ``phase`` (messages keep their order): the algorithm's
+        extra tensors."""
+        parts = [(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, instructions.tensors if instructions is not None else None)]
+        messages = []
+        for msg_type, tensors in parts:
+            if tensors:
+                message = tensors_message(msg_type, self.rank, receiver, self.round_idx, tensors)
+                message.add_params(MyMessage.MSG_ARG_KEY_CLIENT, client_id)  # a worker serves many
+                messages.append(message)
+        return messages
 
     def _send_phase(self, messages: List[Message]) -> None:
         """Send a phase's messages, then end the phase if no reply is awaited. Concurrent

@@ -56,7 +56,7 @@ class FedAvgWorkerManager(ServerWorkManager):
         self.strategy = strategy
         self.sample_numbers: Dict[int, Tuple[int, int]] = {}
         self._state: Optional[PackedTensors] = None  # reused packing buffer of one client's trained state
-        self._client_tensors: Dict[int, Dict[str, torch.Tensor]] = {}  # client: extra tensors sent for this round
+        self._client_tensors: Dict[int, Dict[str, torch.Tensor]] = {}  # client: extra tensors sent for this phase
 
     def register_message_receive_handlers(self) -> None:
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_TRAIN_CLIENTS, self.handle_message_train_clients)
@@ -165,6 +165,7 @@ class FedAvgWorkerManager(ServerWorkManager):
 
     def handle_message_test_clients(self, msg: Message) -> None:
         round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
+        configs = msg.params.get(MyMessage.MSG_ARG_KEY_CONFIGS) or {}
         results: Dict[str, Dict[str, Any]] = {}
         failures: Dict[str, str] = {}
         start = time.perf_counter()
@@ -172,12 +173,13 @@ class FedAvgWorkerManager(ServerWorkManager):
             try:
                 trainer = self._trainer(client)
                 trainer.update_model(msg.tensors)  # again for each client: a test() may change the model
-                result, num_samples, _ = trainer.test()
+                result, num_samples, _ = trainer.test(round_idx, configs.get(str(client)), self._client_tensors.pop(client, {}))
             except UserCodeError as error:
                 logging.error("worker %d: round %d: client %d failed: %s", self.rank, round_idx, client, error)
                 failures[str(client)] = str(error)
             else:
                 results[str(client)] = {"result": result, "sample_number": num_samples}
+        self._client_tensors.clear()  # those of clients that failed before testing
         reply = Message(MyMessage.MSG_TYPE_C2S_CLIENTS_TESTED, self.rank, 0)
         reply.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
         reply.add_params(MyMessage.MSG_ARG_KEY_RESULTS, results)

@@ -16,7 +16,9 @@ a client extra tensors, ``S2C_ROUND_TENSORS`` carries them just before the train
 message; a client whose algorithm part returns extra tensors sends them as
 ``C2S_UPDATE_TENSORS`` just before its update, whose ``metadata`` holds the part's plain
 values. (Extra tensors travel in their own message so that the model's messages keep
-the model's layout: received in place, lent on one host.)
+the model's layout: received in place, lent on one host.) On test rounds, an algorithm's
+extra tensors for a client's test (e.g. FedPer's personal layers) come the same way,
+just before the test message, whose ``config`` then holds the algorithm's test config.
 
 Worker processes (``--worker_processes P``): processes 1..P are workers that serve the
 CLIENT_NUM clients. At start each worker counts the samples of its share of the clients
@@ -32,6 +34,8 @@ start; see fedml_core/aggregation/partial_sums.py); without
 ``partial_sum``, each client's update goes first as ``C2S_SEND_MODEL_TO_SERVER`` with
 its ``client``. Test rounds: ``S2C_TEST_CLIENTS`` (the model, ``clients``), answered by
 ``C2S_CLIENTS_TESTED`` (``results``: client -> {result, sample_number}; ``failures``).
+Extra tensors travel per client, as above, each message with its ``client``: before
+the assignment to the worker, and before each client's update.
 JSON keys are strings: client ids travel as ``"17"``.
 """
 
