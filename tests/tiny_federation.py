@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from argparse import Namespace
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import AbstractSet, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -70,6 +70,38 @@ class TinyTrainer(ModelTrainer):
             "accuracy": (logits.argmax(1) == data["y"]).float().mean().item(),
             "loss": nn.functional.cross_entropy(logits, data["y"]).item(),
         }
+
+
+def reference_run(data_path: str, total: int, per_round: int, rounds: int, personal: AbstractSet[str] = frozenset(),
+                  trainer_factory: Callable[[nn.Module], TinyTrainer] = TinyTrainer, seed: int = 0,
+                  ) -> Tuple[Dict[str, torch.Tensor], Dict[int, Dict[str, torch.Tensor]]]:
+    """FedAvg in one process, in float64, without any framework code, with the tensors
+    named in ``personal`` each client's own (FedPer: never averaged; a client starts
+    them from the initial model's).
+
+    Returns (global state, {client: its personal tensors})."""
+    global_state = {k: v.clone() for k, v in make_model().state_dict().items()}
+    own: Dict[int, Dict[str, torch.Tensor]] = {}
+    for r in range(rounds):
+        states, weights = [], []
+        for cid in sampled_clients(seed, r, total, per_round):
+            trainer = trainer_factory(make_model())
+            trainer.model.load_state_dict({**global_state, **own.get(cid, {})})
+            train_path = os.path.join(data_path, str(cid), "train")
+            trainer.train(torch.device("cpu"), Namespace(), train_path)
+            state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+            own[cid] = {k: state[k] for k in personal}
+            states.append(state)
+            weights.append(float(trainer.get_local_sample_number(train_path)))
+        new_state = {}
+        for key, value in global_state.items():
+            if key in personal:
+                new_state[key] = value
+                continue
+            mean = sum(s[key].double() * w for s, w in zip(states, weights)) / sum(weights)
+            new_state[key] = mean.round().to(value.dtype) if not value.is_floating_point() else mean.to(value.dtype)
+        global_state = new_state
+    return global_state, own
 
 
 def sampled_clients(seed: int, round_idx: int, total: int, per_round: int) -> List[int]:
