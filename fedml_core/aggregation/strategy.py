@@ -227,10 +227,15 @@ class ClientReport:
     Attributes:
         tensors: extra named tensors (see :meth:`AggregationStrategy.expected_client_tensors`).
         metadata: plain JSON values (see :meth:`AggregationStrategy.check_update`).
+        client_state: set by the framework, not by algorithm parts: what the user's
+            trainer's ``get_client_state()`` returned after ``train()`` (CPU copies), which
+            the server keeps for this client and hands back before its next training;
+            None when the trainer keeps no client state.
     """
 
     tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: Dict[str, Any] = field(default_factory=dict)
+    client_state: Optional[Dict[str, torch.Tensor]] = None
 
 
 class ClientAlgorithm:

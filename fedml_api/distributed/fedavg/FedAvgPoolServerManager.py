@@ -58,6 +58,7 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_WORKER_READY, self.handle_message_worker_ready)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, self.handle_message_client_update)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_UPDATE_TENSORS, self.handle_message_client_tensors)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENT_STATE, self.handle_message_client_state)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENTS_TRAINED, self.handle_message_clients_trained)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENTS_TESTED, self.handle_message_clients_tested)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENT_FAILED, self.handle_message_client_failed)
@@ -136,6 +137,12 @@ class FedAvgPoolServerManager(FedAVGServerManager):
                 self._update_tensors[client] = received_tensors(msg)
             except ValueError as error:
                 self._reject_update(client, str(error))
+
+    def handle_message_client_state(self, msg: Message) -> None:
+        """The trainer state of one client (after its training; kept if its update is used)."""
+        client = int(msg.get(MyMessage.MSG_ARG_KEY_CLIENT))
+        if self._expected_client(msg, "train", client):
+            self._hold_client_state(client, msg)
 
     def handle_message_client_update(self, msg: Message) -> None:
         """One client's update, from a worker whose algorithm needs every update."""

@@ -20,6 +20,12 @@ the model's layout: received in place, lent on one host.) On test rounds, an alg
 extra tensors for a client's test (e.g. FedPer's personal layers) come the same way,
 just before the test message, whose ``config`` then holds the algorithm's test config.
 
+A trainer's own client state (``ModelTrainer.get_client_state``): the server sends a
+client the state it keeps for it as ``S2C_CLIENT_STATE`` just before the train message
+(none for a client without one), and a client whose trainer returned one sends it as
+``C2S_CLIENT_STATE`` just before its update. A trainer without client state sends and
+receives neither.
+
 Worker processes (``--worker_processes P``): processes 1..P are workers that serve the
 CLIENT_NUM clients. At start each worker counts the samples of its share of the clients
 (client ``c`` belongs to worker ``(c - 1) % P + 1``) and sends ``C2S_WORKER_READY``
@@ -34,8 +40,10 @@ start; see fedml_core/aggregation/partial_sums.py); without
 ``partial_sum``, each client's update goes first as ``C2S_SEND_MODEL_TO_SERVER`` with
 its ``client``. Test rounds: ``S2C_TEST_CLIENTS`` (the model, ``clients``), answered by
 ``C2S_CLIENTS_TESTED`` (``results``: client -> {result, sample_number}; ``failures``).
-Extra tensors travel per client, as above, each message with its ``client``: before
-the assignment to the worker, and before each client's update.
+Extra tensors and client states travel per client, as above, each message with its
+``client``: before the assignment to the worker, and before each client's update or,
+with ``partial_sum``, after each client's training (kept by the server only for the
+clients whose updates were used).
 JSON keys are strings: client ids travel as ``"17"``.
 """
 
@@ -48,6 +56,7 @@ class MyMessage:
     MSG_TYPE_S2C_ROUND_TENSORS = 4
     MSG_TYPE_S2C_TRAIN_CLIENTS = 5
     MSG_TYPE_S2C_TEST_CLIENTS = 6
+    MSG_TYPE_S2C_CLIENT_STATE = 7
 
     # client -> server
     MSG_TYPE_C2S_CLIENT_READY = 10
@@ -58,6 +67,7 @@ class MyMessage:
     MSG_TYPE_C2S_WORKER_READY = 15
     MSG_TYPE_C2S_CLIENTS_TRAINED = 16
     MSG_TYPE_C2S_CLIENTS_TESTED = 17
+    MSG_TYPE_C2S_CLIENT_STATE = 18
 
     # params
     MSG_ARG_KEY_ROUND_INDEX = "round_idx"
