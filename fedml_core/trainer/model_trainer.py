@@ -114,10 +114,11 @@ class ModelTrainer(ABC):
         Called after every ``train()``. The server keeps the latest state of every client
         on disk (the client-state store under the run directory, saved with the
         checkpoints, so ``--resume`` continues it), whatever the ``--federated_optimizer``;
-        it is never averaged, and goes back to this client only. With ``--worker_processes`` one trainer serves many clients in
-        turn, so the state must be all the trainer carries from one training of a client
-        to its next. Return None (or an empty dict) to keep nothing this time (the
-        client's last state stays). The default keeps nothing, and then neither hook is called.
+        it is never averaged, and goes back to this client only. With
+        ``--worker_processes`` one trainer serves many clients in turn, so the state must
+        be all the trainer carries from one training of a client to its next. Return None
+        (or an empty dict) to keep nothing this time (the client's last state stays). The
+        default keeps nothing, and then neither hook is called.
         """
         return None
 
