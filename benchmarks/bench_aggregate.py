@@ -129,10 +129,11 @@ def time_interleaved(cases: Dict[str, Callable[[], object]], reps: Dict[str, int
 
 def strategy_cases(packed: Sequence[PackedTensors], sample_numbers: Sequence[int], global_model: PackedTensors,
                    trainable: Sequence[str]) -> Dict[str, Callable[[], object]]:
-    """One server round of every registered strategy (defaults, --krum_f 1), as callables."""
+    """One server round of every registered strategy (defaults, --krum_f 1, FedPer's
+    personal layer ResNet18's head), as callables."""
     clients = list(range(1, len(packed) + 1))
     controls = [PackedTensors.from_tensors({name: p.tensors()[name] for name in trainable}) for p in packed]
-    defaults = add_optimizer_args(argparse.ArgumentParser()).parse_args(["--krum_f", "1"])
+    defaults = add_optimizer_args(argparse.ArgumentParser()).parse_args(["--krum_f", "1", "--personal_layers", "fc"])
     cases: Dict[str, Callable[[], object]] = {}
     for name, build in REGISTRY.items():
         strategy = build(defaults)

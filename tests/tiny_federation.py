@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from argparse import Namespace
-from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence
+from typing import AbstractSet, Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -70,6 +70,74 @@ class TinyTrainer(ModelTrainer):
             "accuracy": (logits.argmax(1) == data["y"]).float().mean().item(),
             "loss": nn.functional.cross_entropy(logits, data["y"]).item(),
         }
+
+
+class MomentumTrainer(TinyTrainer):
+    """TinyTrainer with heavy-ball SGD whose momentum buffers are each client's own
+    across rounds (the framework keeps them: get_client_state / set_client_state)."""
+
+    MOMENTUM = 0.9
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.momentum: Optional[Dict[str, torch.Tensor]] = None
+
+    def set_client_state(self, state: Optional[Dict[str, torch.Tensor]]) -> None:
+        self.momentum = state
+
+    def get_client_state(self) -> Optional[Dict[str, torch.Tensor]]:
+        return self.momentum
+
+    def train(self, device: torch.device, args: Namespace, train_path: str) -> None:
+        data = self._data(train_path)
+        self.model.train()
+        named = list(self.model.named_parameters())
+        opt = torch.optim.SGD([p for _, p in named], lr=0.1, momentum=self.MOMENTUM)
+        if self.momentum is not None:  # this client's buffers from its last training
+            for name, p in named:
+                opt.state[p]["momentum_buffer"] = self.momentum[name].clone()
+        for _ in range(LOCAL_STEPS):
+            opt.zero_grad()
+            nn.functional.cross_entropy(self.model(data["x"]), data["y"]).backward()
+            opt.step()
+        self.momentum = {name: opt.state[p]["momentum_buffer"] for name, p in named}
+
+
+def reference_run(data_path: str, total: int, per_round: int, rounds: int, personal: AbstractSet[str] = frozenset(),
+                  trainer_factory: Callable[[nn.Module], TinyTrainer] = TinyTrainer, seed: int = 0,
+                  ) -> Tuple[Dict[str, torch.Tensor], Dict[int, Dict[str, torch.Tensor]], Dict[int, Dict[str, torch.Tensor]]]:
+    """FedAvg in one process, in float64, without any framework code, with the tensors
+    named in ``personal`` each client's own (FedPer: never averaged; a client starts
+    them from the initial model's) and the trainer's per-client state (handed back to
+    ``set_client_state`` before the client's next training, None before its first).
+
+    Returns (global state, {client: its personal tensors}, {client: its trainer state})."""
+    global_state = {k: v.clone() for k, v in make_model().state_dict().items()}
+    own: Dict[int, Dict[str, torch.Tensor]] = {}
+    kept: Dict[int, Dict[str, torch.Tensor]] = {}
+    for r in range(rounds):
+        states, weights = [], []
+        for cid in sampled_clients(seed, r, total, per_round):
+            trainer = trainer_factory(make_model())
+            trainer.model.load_state_dict({**global_state, **own.get(cid, {})})
+            trainer.set_client_state(kept.get(cid))  # (a TinyTrainer's keeps nothing)
+            train_path = os.path.join(data_path, str(cid), "train")
+            trainer.train(torch.device("cpu"), Namespace(), train_path)
+            state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+            own[cid] = {k: state[k] for k in personal}
+            if trainer.get_client_state() is not None:
+                kept[cid] = {k: v.clone() for k, v in trainer.get_client_state().items()}
+            states.append(state)
+            weights.append(float(trainer.get_local_sample_number(train_path)))
+        new_state = {}
+        for key, value in global_state.items():
+            if key in personal:
+                new_state[key] = value
+                continue
+            mean = sum(s[key].double() * w for s, w in zip(states, weights)) / sum(weights)
+            new_state[key] = mean.round().to(value.dtype) if not value.is_floating_point() else mean.to(value.dtype)
+        global_state = new_state
+    return global_state, own, kept
 
 
 def sampled_clients(seed: int, round_idx: int, total: int, per_round: int) -> List[int]:

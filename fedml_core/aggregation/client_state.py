@@ -16,7 +16,7 @@ from those files, so it continues bit-exactly.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Optional, Set
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -121,3 +121,14 @@ class ClientStateStore:
                              f"(expected files such as {self._path(missing[0], self._versions[missing[0]])})")
         self._snapshots = [dict(self._versions), dict(self._versions)]
 
+    def check_layout(self, expected: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]], what: str) -> None:
+        """Raise ValueError unless the stored states hold the tensors ``expected``
+        (``(name, dtype, shape)``, in any order): one state is read, so that a checkpoint
+        of another model is refused before a run resumes from it. ``what`` names the
+        states in the message (e.g. ``"SCAFFOLD's control variates"``)."""
+        want = {name: (dtype, tuple(shape)) for name, dtype, shape in expected}
+        for client in self.clients()[:1]:  # written by one run, of one model: one will do
+            got = {name: (t.dtype, tuple(t.shape)) for name, t in self.get(client).items()}
+            if got != want:
+                raise ValueError(f"{what} in the checkpoint are for another model: client {client}'s hold "
+                                 f"{sorted(got)[:5]}, this model's are {sorted(want)[:5]} (or other dtypes or shapes)")

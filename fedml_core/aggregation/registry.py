@@ -17,6 +17,7 @@ from .fedadam import FedAdam
 from .fedavg import FedAvg
 from .fedavgm import FedAvgM
 from .fednova import FedNova
+from .fedper import FedPer
 from .fedprox import FedProx
 from .fedyogi import FedYogi
 from .krum import Krum, MultiKrum
@@ -47,6 +48,7 @@ REGISTRY: Dict[str, Callable[[argparse.Namespace], AggregationStrategy]] = {
     "FedYogi": lambda a: FedYogi(**_given(a, "server_lr", "beta1", "beta2", "tau"), **_buffered(a)),
     "SCAFFOLD": lambda a: SCAFFOLD(**_given(a, "server_lr"), **_buffered(a)),
     "FedNova": lambda a: FedNova(**_buffered(a)),
+    "FedPer": lambda a: FedPer(**_given(a, "personal_layers"), **_buffered(a)),
     "FedMedian": lambda a: FedMedian(),
     "FedTrimmedAvg": lambda a: FedTrimmedAvg(**_given(a, "trim_ratio")),
     "Krum": lambda a: Krum(**_given(a, "krum_f")),
@@ -106,6 +108,8 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--noise_multiplier", type=float, default=None,
                        help="DPFedAvg: Gaussian noise std in units of clip_norm / WORKER_NUM (default 1.0)")
     group.add_argument("--dp_delta", type=float, default=None, help="DPFedAvg: delta of the reported epsilon (default 1e-5)")
+    group.add_argument("--personal_layers", type=str, default=None, metavar="PREFIXES",
+                       help="FedPer: the layers each client keeps, as comma-separated name prefixes (e.g. fc, or fc,layer4)")
     group.add_argument("--attack", choices=ATTACKS, default=None, help="make --attackers send a poisoned update (for testing defences)")
     group.add_argument("--attackers", type=client_list, default=None, metavar="IDS", help="the attacking clients, e.g. 2,5")
     group.add_argument("--attack_scale", type=float, default=None, help="scale attack: factor on the update (default 10)")

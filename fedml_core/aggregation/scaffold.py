@@ -2,7 +2,6 @@
 Federated Learning"), Algorithm 1 with option II for the client control variate."""
 from __future__ import annotations
 
-import os
 from argparse import Namespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -56,8 +55,7 @@ class SCAFFOLD(ServerOptimizer):
         names = set(self.updated_names(global_model, trainable))
         self._entries = [(s.name, s.dtype, s.shape) for s in global_model.specs if s.name in names]
         self.control = self._zeros()
-        directory = federation.state_directory
-        self.client_controls = ClientStateStore(os.path.join(directory, "scaffold") if directory else None)
+        self.client_controls = federation.client_store("scaffold")
 
     def _zeros(self) -> PackedTensors:
         specs, sizes = plan_layout(self._entries)
@@ -126,8 +124,8 @@ class SCAFFOLD(ServerOptimizer):
             return PackedTensors(self.control.specs, loaded)
         self.control = packed(state["control"])
         self.client_controls.restore(state["client_controls"])
-        for client in self.client_controls.clients()[:1]:  # the files are this model's
-            packed(self.client_controls.get(client))
+        self.client_controls.check_layout([(dtype_name(d), d, tuple(c.shape)) for d, c in self.control.groups.items()],
+                                          "SCAFFOLD's control variates")
 
     def client_algorithm(self, args: Namespace) -> ClientAlgorithm:
         return ScaffoldClient()

@@ -10,10 +10,14 @@ One round, as the server drives it::
         strategy.add(update)
     global_model = strategy.aggregate(global_model, round_idx)
     strategy.rejected_updates(), strategy.round_metrics()   # into metrics.jsonl
+    # on test rounds, each tested client: the new global model + its test instructions
+    instructions = strategy.configure_test(round_idx, tested_clients, global_model)
+    #   on the client: ClientAlgorithm.before_test, the user's test()
     strategy.state_dict()                                    # into the checkpoint
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from argparse import Namespace
 from dataclasses import dataclass, field
@@ -22,6 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..distributed.communication.packed_tensors import PackedTensors
+from .client_state import ClientStateStore
 
 #: ``(name, dtype, shape)`` of one tensor: what a layout is made of.
 TensorEntry = Tuple[str, torch.dtype, Tuple[int, ...]]
@@ -90,6 +95,12 @@ class FederationInfo:
     seed: int = 0
     state_directory: Optional[str] = None
 
+    def client_store(self, name: str) -> ClientStateStore:
+        """A store of per-client tensors of its own, ``<state_directory>/<name>`` (in
+        memory without a state directory); ``name`` tells the stores of a run apart
+        (e.g. the algorithm's name)."""
+        return ClientStateStore(os.path.join(self.state_directory, name) if self.state_directory else None)
+
 
 class AggregationStrategy(ABC):
     """The server side of one federated algorithm.
@@ -127,6 +138,13 @@ class AggregationStrategy(ABC):
     def configure_round(self, round_idx: int, clients: Sequence[int], global_model: PackedTensors) -> Dict[int, ClientInstructions]:
         """``{client_id: instructions}`` for the sampled ``clients`` of round
         ``round_idx`` (0-based); a client left out gets none (empty config, no tensors)."""
+        return {}
+
+    def configure_test(self, round_idx: int, clients: Sequence[int], global_model: PackedTensors) -> Dict[int, ClientInstructions]:
+        """``{client_id: instructions}`` for the ``clients`` that test ``global_model``
+        (the aggregate of round ``round_idx``), which their :class:`ClientAlgorithm`
+        gets in :meth:`~ClientAlgorithm.before_test` (e.g. a client's personal layers,
+        so that it tests its own model); a client left out gets none (none by default)."""
         return {}
 
     def expected_client_tensors(self) -> List[TensorEntry]:
@@ -184,12 +202,13 @@ class AggregationStrategy(ABC):
 
 @dataclass
 class ClientRound:
-    """What a client's algorithm part knows of the round it trains.
+    """What a client's algorithm part knows of the round it trains (or tests in).
 
     Attributes:
         round_idx: the round (0-based).
         client_id: this client's process id.
-        config: the server's :attr:`ClientInstructions.config` for this client.
+        config: the server's :attr:`ClientInstructions.config` for this client (of
+            :meth:`AggregationStrategy.configure_round`, or of ``configure_test`` for a test).
         tensors: the server's :attr:`ClientInstructions.tensors` for this client (CPU);
             those named like the global model's entries by the model's own names (its
             ``state_dict`` keys) even where ``get_model_params`` returns a list, and so
@@ -211,10 +230,15 @@ class ClientReport:
     Attributes:
         tensors: extra named tensors (see :meth:`AggregationStrategy.expected_client_tensors`).
         metadata: plain JSON values (see :meth:`AggregationStrategy.check_update`).
+        client_state: set by the framework, not by algorithm parts: what the user's
+            trainer's ``get_client_state()`` returned after ``train()`` (CPU copies), which
+            the server keeps for this client and hands back before its next training;
+            None when the trainer keeps no client state.
     """
 
     tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: Dict[str, Any] = field(default_factory=dict)
+    client_state: Optional[Dict[str, torch.Tensor]] = None
 
 
 class ClientAlgorithm:
@@ -222,7 +246,9 @@ class ClientAlgorithm:
     ``ModelTrainer.train()``, which does not know about it.
 
     :meth:`before_train` runs after the global model was loaded into the model (with
-    the trainer's ``set_model_params``), :meth:`after_train` after ``train()`` returned.
+    the trainer's ``set_model_params``), :meth:`after_train` after ``train()`` returned;
+    on test rounds, :meth:`before_test` runs after the new global model was loaded, before
+    the user's ``test()``.
     The model's tensors there may be the very memory the global model arrived in: an
     algorithm that needs the global model during training (a proximal term) keeps its
     own copy.
@@ -235,3 +261,7 @@ class ClientAlgorithm:
         """Finish the round: ``state`` is the trained state about to be sent (it may be
         modified in place, e.g. by an attack). Returns what to send besides it."""
         return ClientReport()
+
+    def before_test(self, model: torch.nn.Module, round_info: ClientRound) -> None:
+        """Prepare ``model`` for the user's ``test()``: ``round_info`` holds the server's
+        :meth:`AggregationStrategy.configure_test` instructions for this client."""

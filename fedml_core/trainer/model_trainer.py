@@ -4,7 +4,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from argparse import Namespace
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,10 +24,37 @@ TRAINER_METHODS = (
 )
 
 
+# The optional pair of hooks through which a trainer keeps a state per client (see
+# ModelTrainer.get_client_state): a trainer defines both or neither.
+CLIENT_STATE_METHODS = ("get_client_state", "set_client_state")
+
+
 def check_trainer(trainer: Union[object, type]) -> None:
     """Raise TypeError naming the trainer's class and the first method of the
-    ModelTrainer interface it lacks (with the closest name it defines, if any)."""
+    ModelTrainer interface it lacks (with the closest name it defines, if any), or the
+    client-state hook it lacks when it defines only one of the two."""
     check_methods(trainer, "the ModelTrainer", TRAINER_METHODS)
+    cls = trainer if isinstance(trainer, type) else type(trainer)
+    defined = [name for name in CLIENT_STATE_METHODS if _defines(trainer, name)]
+    if len(defined) == 1:
+        missing = next(name for name in CLIENT_STATE_METHODS if name not in defined)
+        raise TypeError(f"{cls.__name__} (the ModelTrainer) defines {defined[0]}() but not {missing}(): a trainer that keeps "
+                        f"a state per client defines both (the framework hands back through set_client_state what "
+                        f"get_client_state returned)")
+
+
+def keeps_client_state(trainer: Union[object, type]) -> bool:
+    """Whether ``trainer`` keeps a state per client: it defines
+    :meth:`ModelTrainer.get_client_state` (and ``set_client_state``) itself."""
+    return all(_defines(trainer, name) for name in CLIENT_STATE_METHODS)
+
+
+def _defines(trainer: Union[object, type], name: str) -> bool:
+    """Whether ``trainer`` has a method ``name`` other than ModelTrainer's default."""
+    method = getattr(trainer if isinstance(trainer, type) else type(trainer), name, None)
+    if method is None:  # an instance may carry it as an attribute (not a ModelTrainer)
+        return callable(getattr(trainer, name, None))
+    return callable(method) and method is not getattr(ModelTrainer, name)
 
 
 class ModelTrainer(ABC):
@@ -39,6 +66,10 @@ class ModelTrainer(ABC):
     ``self.id`` is this client's index (``process_id - 1``, the ``client_idx`` of the
     result aggregator's ``result_dict``), set with :meth:`set_id` before the client first
     calls any other method; 0 on the server.
+
+    A trainer that keeps something of its own per client across rounds (its optimizer's
+    momentum buffers, a learning-rate scheduler's state) overrides the optional pair
+    :meth:`get_client_state` / :meth:`set_client_state`.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "ModelTrainer":
@@ -74,6 +105,29 @@ class ModelTrainer(ABC):
         that order, if it returned a list (see :class:`ParamsForm`).
         """
         self.model.load_state_dict(model_parameters)
+
+    def get_client_state(self) -> Optional[Dict[str, torch.Tensor]]:
+        """Optional hook: this client's own state after :meth:`train` (e.g. its
+        optimizer's momentum buffers), as name -> tensor, for the framework to keep and
+        hand back to :meth:`set_client_state` before this client next trains.
+
+        Called after every ``train()``. The server keeps the latest state of every client
+        on disk (the client-state store under the run directory, saved with the
+        checkpoints, so ``--resume`` continues it), whatever the ``--federated_optimizer``;
+        it is never averaged, and goes back to this client only. With
+        ``--worker_processes`` one trainer serves many clients in turn, so the state must
+        be all the trainer carries from one training of a client to its next. Return None
+        (or an empty dict) to keep nothing this time (the client's last state stays). The
+        default keeps nothing, and then neither hook is called.
+        """
+        return None
+
+    def set_client_state(self, state: Optional[Dict[str, torch.Tensor]]) -> None:
+        """Optional hook: called before every :meth:`train` with what
+        :meth:`get_client_state` returned after this client's last training (CPU
+        tensors, this trainer's to keep), or None for a client with no state yet (its
+        first training): start it fresh. Only for ``train()``: ``test()`` runs without it.
+        """
 
     @abstractmethod
     def get_local_sample_number(self, train_path: str) -> int:

@@ -18,7 +18,7 @@ from fedml_api.distributed.fedavg.args import add_federation_args, check_federat
 from fedml_api.distributed.fedavg.FedAvgAPI import FedML_FedAvg_distributed, FedML_init  # noqa: E402
 from fedml_api.utils.process_setup import init_training_device, seed_everything  # noqa: E402
 from fedml_core.trainer.result_aggregator import WeightedMeanResultAggregator  # noqa: E402
-from tiny_federation import FaultyTrainer, make_model  # noqa: E402
+from tiny_federation import FaultyTrainer, MomentumTrainer, make_model  # noqa: E402
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")  # as experiment.py
@@ -30,6 +30,8 @@ if __name__ == "__main__":
                         help="seconds the server sleeps after the last round, before writing its results")
     parser.add_argument("--hidden_units", type=int, default=8, help="the model's hidden layer width (its size: 48 bytes a unit)")
     parser.add_argument("--lr", type=float, default=0.1, help="TinyTrainer's local learning rate (what SCAFFOLD reads)")
+    parser.add_argument("--momentum_state", action="store_true",
+                        help="train with SGD momentum whose buffers each client keeps across rounds (MomentumTrainer)")
     args = parser.parse_args()
     if args.finish_delay:  # lets tests act after the last round, once the clients are released
         from fedml_api.utils.run_recorder import RunRecorder
@@ -45,5 +47,5 @@ if __name__ == "__main__":
         process_id, worker_number, device, comm, model, args,
         os.path.join(args.data_path, str(process_id), "train"),
         os.path.join(args.data_path, str(process_id), "test"),
-        WeightedMeanResultAggregator(), FaultyTrainer(model, args.inject_error),
+        WeightedMeanResultAggregator(), MomentumTrainer(model) if args.momentum_state else FaultyTrainer(model, args.inject_error),
     )

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from argparse import Namespace
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import AbstractSet, Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -11,7 +11,7 @@ import torch
 from fedml_core.aggregation import AggregationStrategy, ClientInstructions, ClientUpdate, FedAvg, FederationInfo, InvalidUpdate
 from fedml_core.aggregation.validation import non_finite_tensor
 from fedml_core.distributed.communication.packed_tensors import PackedTensors
-from fedml_core.trainer.model_trainer import ModelTrainer, as_named_tensors, model_keys
+from fedml_core.trainer.model_trainer import ModelTrainer, as_named_tensors, keeps_client_state, model_keys
 from fedml_core.trainer.result_aggregator import ResultAggregator, aggregate_test_results
 
 from .checkpoint import ServerCheckpoint, check_same_model
@@ -28,6 +28,11 @@ class FedAVGAggregator:
         args: needs ``client_num_in_total``, ``client_num_per_round`` and ``seed``.
         strategy: the algorithm's server side (default :class:`FedAvg`); set up here
             with the initial model, whose ``named_parameters()`` are its trainable tensors.
+
+    Attributes:
+        client_states: the latest client state of each client whose trainer keeps one
+            (``ModelTrainer.get_client_state``), in a client-state store under the run
+            directory (``client_state/trainer``), whatever the strategy.
     """
 
     def __init__(self, model_trainer: ModelTrainer, result_aggregator: ResultAggregator, args: Namespace, strategy: Optional[AggregationStrategy] = None) -> None:
@@ -41,6 +46,8 @@ class FedAVGAggregator:
         federation = FederationInfo(args.client_num_in_total, args.client_num_per_round, getattr(args, "seed", 0),
                                     os.path.join(run_dir, "client_state") if run_dir else None)
         self.strategy.setup(self.global_model, trainable, federation)
+        self.client_states = federation.client_store("trainer")
+        self._new_client_states: Dict[int, Dict[str, torch.Tensor]] = {}  # this round's, until its updates are used
 
     def resume(self, checkpoint: ServerCheckpoint, path: str) -> None:
         """Continue from ``checkpoint`` (read from ``path``): its global model and the
@@ -50,6 +57,11 @@ class FedAVGAggregator:
         self.global_model = PackedTensors.from_tensors(checkpoint.global_model)
         try:
             self.strategy.load_state_dict(checkpoint.strategy_state)
+            if checkpoint.client_states:
+                if not keeps_client_state(self.trainer):
+                    raise ValueError(f"{type(self.trainer).__name__} keeps no client state (no get_client_state), but the "
+                                     f"checkpoint holds its clients' states")
+                self.client_states.restore(checkpoint.client_states)
         except ValueError as error:
             raise ValueError(f"--resume {path}: {error}") from None
 
@@ -92,6 +104,32 @@ class FedAVGAggregator:
             own = given.get(client, ClientInstructions())
             instructions[client] = ClientInstructions({"algorithm": self.strategy.name, **own.config}, own.tensors)
         return instructions
+
+    def configure_test(self, round_idx: int, clients: Sequence[int]) -> Dict[int, ClientInstructions]:
+        """The strategy's instructions for the ``clients`` that test the new global model."""
+        return self.strategy.configure_test(round_idx, clients, self.global_model)
+
+    def client_state(self, client_id: int) -> Optional[Dict[str, torch.Tensor]]:
+        """The trainer state kept for ``client_id`` (None: it has none yet)."""
+        return self.client_states.get(client_id)
+
+    def hold_client_state(self, client_id: int, state: Dict[str, torch.Tensor]) -> None:
+        """Take the trainer state ``client_id`` sent with its update of this round (its
+        own memory); :meth:`keep_client_states` stores it if the update is used."""
+        self._new_client_states[client_id] = state
+
+    def keep_client_states(self, round_idx: int, left_out: AbstractSet[int]) -> None:
+        """Store the trainer states held this round as version ``round_idx``, but those of
+        the clients in ``left_out`` (failed, or their update rejected: their training
+        did not count, so their last kept state stays theirs)."""
+        held, self._new_client_states = self._new_client_states, {}
+        for client_id, state in sorted(held.items()):
+            if client_id not in left_out:
+                self.client_states.put(client_id, round_idx, state)
+
+    def client_states_snapshot(self) -> Dict[str, Any]:
+        """What the checkpoint keeps of :attr:`client_states` (nothing when it is empty)."""
+        return self.client_states.snapshot() if len(self.client_states) else {}
 
     def add_local_trained_result(self, client_id: int, params: PackedTensors, sample_number: int,
                                  tensors: Optional[PackedTensors] = None, metadata: Optional[Mapping[str, Any]] = None) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from fedml_api.utils.process_setup import seed_everything
 from fedml_core.aggregation import ClientAlgorithm, ClientReport, ClientRound
-from fedml_core.trainer.model_trainer import ModelTrainer, ParamsForm, as_named_tensors, model_keys
+from fedml_core.trainer.model_trainer import ModelTrainer, ParamsForm, as_named_tensors, keeps_client_state, model_keys
 
 
 def round_seed(seed: int, round_idx: int, client_id: int) -> int:
@@ -60,6 +60,7 @@ class FedAVGTrainer:
         self.args = args
         self.trainer = model_trainer
         self.algorithms = list(algorithms)
+        self.keeps_client_state = keeps_client_state(model_trainer)
         # set_model_params gets the global model as get_model_params gives it (numpy, a list).
         params = self._call("get_model_params")
         self.params_form = ParamsForm.of(params)
@@ -110,27 +111,33 @@ class FedAVGTrainer:
         self._call("set_model_params", self.params_form.convert(global_params))
 
     def train(self, round_idx: int, config: Optional[Mapping[str, Any]] = None,
-              tensors: Optional[Mapping[str, torch.Tensor]] = None) -> Tuple[Dict[str, torch.Tensor], int, float, ClientReport]:
+              tensors: Optional[Mapping[str, torch.Tensor]] = None,
+              client_state: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[Dict[str, torch.Tensor], int, float, ClientReport]:
         """Train locally for round ``round_idx`` with the server's ``config`` and extra
         ``tensors`` for it; returns (state, sample number, seconds, what the algorithms
         send besides the state), the state as name -> tensor whatever ``get_model_params``
         returned (numpy arrays, a list).
 
+        ``client_state``: what the server kept of this client's trainer state (None:
+        none yet), handed to the trainer's ``set_client_state`` first, when it keeps one;
+        its new state is then the report's ``client_state``.
+
         The random generators are re-seeded from ``(args.seed, round_idx, client_id)``
-        first, so a client's update is a function of the global model and the round
-        alone: runs are reproducible and a resumed run continues bit-exactly.
+        first, so a client's update is a function of the global model, its state and the
+        round alone: runs are reproducible and a resumed run continues bit-exactly.
         """
         # The ModelTrainer signature has no round index; learning-rate schedules read it here.
         self.args.round_idx = round_idx
         seed_everything(round_seed(getattr(self.args, "seed", 0), round_idx, self.client_id))
         start = time.perf_counter()
-        tensors = {self._model_names.get(name, name): t for name, t in (tensors or {}).items()}
-        round_info = ClientRound(round_idx, self.client_id, dict(config or {}), tensors, self.args)
+        if self.keeps_client_state:
+            self._call("set_client_state", client_state)
+        round_info = self._round_info(round_idx, config, tensors)
         for algorithm in self.algorithms:
             algorithm.before_train(self.trainer.model, round_info)
         self._call("train", self.device, self.args, self.train_path)
         state = self._model_params()
-        report = ClientReport()
+        report = ClientReport(client_state=self._client_state() if self.keeps_client_state else None)
         for algorithm in self.algorithms:
             part = algorithm.after_train(self.trainer.model, state)
             report.tensors.update(part.tensors)
@@ -141,9 +148,34 @@ class FedAVGTrainer:
         seconds = time.perf_counter() - start
         return state, self.train_sample_number, seconds, report
 
-    def test(self) -> Tuple[Dict[str, Any], int, float]:
-        """Test the current model on this client's test data; (metrics, sample number, seconds)."""
+    def _round_info(self, round_idx: int, config: Optional[Mapping[str, Any]],
+                    tensors: Optional[Mapping[str, torch.Tensor]]) -> ClientRound:
+        """What the algorithm parts get of the round, the tensors by the model's names."""
+        tensors = {self._model_names.get(name, name): t for name, t in (tensors or {}).items()}
+        return ClientRound(round_idx, self.client_id, dict(config or {}), tensors, self.args)
+
+    def _client_state(self) -> Optional[Dict[str, torch.Tensor]]:
+        """``get_client_state()`` as CPU copies (the trainer goes on changing its own
+        tensors, and the next client's training may start before they are sent);
+        None when it returned None or nothing."""
+        returned = self._call("get_client_state")
+        if returned is None:
+            return None
+        if not isinstance(returned, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in returned.items()):
+            raise UserCodeError(f"{self._name('get_client_state')} must return None or a dict of name (str) -> torch tensor, "
+                                f"got {type(returned).__name__}")
+        return {name: t.detach().to("cpu", copy=True) for name, t in returned.items()} or None
+
+    def test(self, round_idx: int = 0, config: Optional[Mapping[str, Any]] = None,
+             tensors: Optional[Mapping[str, torch.Tensor]] = None) -> Tuple[Dict[str, Any], int, float]:
+        """Test the current model on this client's test data; (metrics, sample number,
+        seconds). The algorithms' ``before_test`` get the server's ``config`` and extra
+        ``tensors`` for this client's test in round ``round_idx`` first (e.g. its own
+        personal layers)."""
         start = time.perf_counter()
+        round_info = self._round_info(round_idx, config, tensors)
+        for algorithm in self.algorithms:
+            algorithm.before_test(self.trainer.model, round_info)
         result = self._call("test", self.device, self.args, self.test_path)
         seconds = time.perf_counter() - start
         try:

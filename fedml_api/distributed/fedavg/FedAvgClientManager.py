@@ -68,6 +68,7 @@ class FedAVGClientManager(ServerWorkManager):
         self.trainer = trainer
         self.algorithm = algorithm
         self._round_tensors: Dict[int, Dict[str, torch.Tensor]] = {}  # round: extra tensors sent before its model
+        self._client_state: Dict[int, Dict[str, torch.Tensor]] = {}  # round: the trainer state kept for this client
         # Every model this client receives is loaded into its model at once: with the
         # model packed, it arrives in the model's own memory (loading it copies nothing)
         # and the trained state goes back as one buffer per dtype, lent to a server on
@@ -85,6 +86,7 @@ class FedAVGClientManager(ServerWorkManager):
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_TEST_MODEL, self.handle_message_test_model_on_client)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_FINISH, self.handle_message_finish)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.handle_message_round_tensors)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_CLIENT_STATE, self.handle_message_client_state)
 
     def run(self) -> None:
         # The trainer has loaded this client's data: tell the server we can take work.
@@ -97,6 +99,10 @@ class FedAVGClientManager(ServerWorkManager):
         # Copied: the receive buffer is the transport's to recycle.
         self._round_tensors = {msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX): received_tensors(msg).copy_tensors()}
 
+    def handle_message_client_state(self, msg: Message) -> None:
+        # Copied, as the round's tensors: the trainer may keep it.
+        self._client_state = {msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX): received_tensors(msg).copy_tensors()}
+
     def handle_message_receive_model_from_server(self, msg: Message) -> None:
         round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
         config = msg.params.get(MyMessage.MSG_ARG_KEY_CONFIG, {"algorithm": "FedAvg"})
@@ -104,8 +110,11 @@ class FedAVGClientManager(ServerWorkManager):
             raise RuntimeError(f"client {self.rank} runs {self.algorithm}, but the server runs {config.get('algorithm')}: "
                                f"give every process the same --federated_optimizer (or strategy)")
         self._load_model(msg)
-        params, num_samples, seconds, report = self.trainer.train(round_idx, config, self._round_tensors.pop(round_idx, {}))
+        params, num_samples, seconds, report = self.trainer.train(round_idx, config, self._round_tensors.pop(round_idx, {}),
+                                                                  self._client_state.pop(round_idx, None))
         logging.info("client %d: round %d trained on %d samples in %.2f s", self.rank, round_idx, num_samples, seconds)
+        if report.client_state is not None:
+            self.send_message(tensors_message(MyMessage.MSG_TYPE_C2S_CLIENT_STATE, self.rank, 0, round_idx, report.client_state))
         if report.tensors:
             self.send_message(tensors_message(MyMessage.MSG_TYPE_C2S_UPDATE_TENSORS, self.rank, 0, round_idx, report.tensors))
         reply = Message(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, self.rank, 0, tensors=params)
@@ -146,7 +155,8 @@ class FedAVGClientManager(ServerWorkManager):
     def handle_message_test_model_on_client(self, msg: Message) -> None:
         round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
         self._load_model(msg)
-        result, num_samples, seconds = self.trainer.test()
+        result, num_samples, seconds = self.trainer.test(round_idx, msg.params.get(MyMessage.MSG_ARG_KEY_CONFIG),
+                                                         self._round_tensors.pop(round_idx, {}))
         reply = Message(MyMessage.MSG_TYPE_C2S_SEND_TEST_RESULT, self.rank, 0)
         reply.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
         reply.add_params(MyMessage.MSG_ARG_KEY_TEST_RESULT, result)

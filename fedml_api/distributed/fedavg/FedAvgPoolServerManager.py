@@ -11,7 +11,7 @@ from fedml_core.aggregation.partial_sums import received_partial_sum
 from fedml_core.distributed.communication.message import Message
 from fedml_core.distributed.communication.transport import Transport
 
-from .algorithm_messages import received_tensors, tensors_message
+from .algorithm_messages import received_tensors
 from .checkpoint import ServerCheckpoint
 from .client_assignment import assign_clients
 from .FedAVGAggregator import FedAVGAggregator
@@ -74,6 +74,7 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_WORKER_READY, self.handle_message_worker_ready)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, self.handle_message_client_update)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_UPDATE_TENSORS, self.handle_message_client_tensors)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENT_STATE, self.handle_message_client_state)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENTS_TRAINED, self.handle_message_clients_trained)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENTS_TESTED, self.handle_message_clients_tested)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENT_FAILED, self.handle_message_client_failed)
@@ -128,15 +129,11 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         self._open_phase(phase, list(self._assigned))
         self._arrived = set()
         combining = self._combining_params()
-        instructions = self.aggregator.configure_round(self.round_idx, clients) if phase == "train" else {}
+        instructions = self._instructions(phase, clients)
         messages = []
         for rank, chosen in self._assigned.items():
             for client in chosen:  # each client's extra tensors (e.g. SCAFFOLD's correction) before the assignment
-                if client in instructions and instructions[client].tensors:
-                    extra = tensors_message(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.rank, rank, self.round_idx,
-                                            instructions[client].tensors)
-                    extra.add_params(MyMessage.MSG_ARG_KEY_CLIENT, client)
-                    messages.append(extra)
+                messages.extend(self._client_messages(phase, client, rank, instructions.get(client)))
             message = Message(MyMessage.MSG_TYPE_S2C_TRAIN_CLIENTS if phase == "train" else MyMessage.MSG_TYPE_S2C_TEST_CLIENTS,
                               self.rank, rank)
             message.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, self.round_idx)
@@ -146,6 +143,8 @@ class FedAvgPoolServerManager(FedAVGServerManager):
                 message.add_params(MyMessage.MSG_ARG_KEY_PARTIAL_SUM, self._partial_sums)
                 for key, value in combining.get(rank, {}).items():
                     message.add_params(key, value)
+            elif any(c in instructions for c in chosen):  # the algorithm's test configs (none for most)
+                message.add_params(MyMessage.MSG_ARG_KEY_CONFIGS, {str(c): instructions[c].config for c in chosen if c in instructions})
             message.set_packed(self.aggregator.global_model)
             messages.append(message)
         self._send_phase(messages)
@@ -188,6 +187,12 @@ class FedAvgPoolServerManager(FedAVGServerManager):
                 self._update_tensors[client] = received_tensors(msg)
             except ValueError as error:
                 self._reject_update(client, str(error))
+
+    def handle_message_client_state(self, msg: Message) -> None:
+        """The trainer state of one client (after its training; kept if its update is used)."""
+        client = int(msg.get(MyMessage.MSG_ARG_KEY_CLIENT))
+        if self._expected_client(msg, "train", client):
+            self._hold_client_state(client, msg)
 
     def handle_message_client_update(self, msg: Message) -> None:
         """One client's update, from a worker whose algorithm needs every update."""

@@ -6,7 +6,7 @@ import time
 from argparse import Namespace
 from typing import Any, Dict, FrozenSet, List, Optional
 
-from fedml_core.aggregation import InvalidUpdate, check_layout
+from fedml_core.aggregation import ClientInstructions, InvalidUpdate, check_layout
 from fedml_core.distributed.communication.message import Message
 from fedml_core.distributed.communication.transport import PeerFailure, Transport
 from fedml_core.distributed.server.server_manager import ServerManager
@@ -103,6 +103,7 @@ class FedAVGServerManager(ServerManager):
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_SEND_TEST_RESULT, self.handle_message_receive_test_result)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENT_FAILED, self.handle_message_client_failed)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_UPDATE_TENSORS, self.handle_message_receive_update_tensors)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_CLIENT_STATE, self.handle_message_receive_client_state)
 
     def run(self) -> None:
         try:
@@ -182,6 +183,19 @@ class FedAVGServerManager(ServerManager):
             except ValueError as error:
                 self._reject_update(msg.get_sender_id(), str(error))
 
+    def handle_message_receive_client_state(self, msg: Message) -> None:
+        """Hold the trainer state a client sends just before its update (kept if the update is used)."""
+        if self._expected(msg, "train"):
+            self._hold_client_state(msg.get_sender_id(), msg)
+
+    def _hold_client_state(self, client_id: int, msg: Message) -> None:
+        try:
+            # Copied: held until the round ends, it would keep the transport's receive buffer.
+            self.aggregator.hold_client_state(client_id, received_tensors(msg).copy_tensors())
+        except ValueError as error:  # not what the framework sends; the update itself may still be used
+            logging.error("server: round %d: ignored the client state of client %d (its last one stays): %s",
+                          self.round_idx, client_id, error)
+
     def _reject_update(self, client_id: int, reason: str) -> None:
         logging.error("server: round %d: rejected the update of client %d: %s", self.round_idx, client_id, reason)
         self._record.setdefault("rejected_updates", {})[str(client_id)] = reason
@@ -197,6 +211,8 @@ class FedAVGServerManager(ServerManager):
             self._reject_update(client_id, reason)
         # Fewer than min_clients finite updates: the aggregate is not checkpointed.
         self._require_usable_updates(self._accepted - len(rejected))
+        self.aggregator.keep_client_states(self.round_idx, {int(client) for key in ("rejected_updates", "failures")
+                                                            for client in self._record.get(key, {})})
         aggregated = time.perf_counter()
         self._record.update(self.aggregator.strategy.round_metrics())
         slowest_training = max(self._train_seconds, default=0.0)
@@ -247,14 +263,12 @@ class FedAVGServerManager(ServerManager):
     def _begin_phase(self, phase: str, clients: List[int], msg_type: int) -> None:
         """Send the global model to ``clients`` and wait for their replies (with a deadline)."""
         self._open_phase(phase, clients)
-        instructions = self.aggregator.configure_round(self.round_idx, clients) if phase == "train" else {}
+        instructions = self._instructions(phase, clients)
         messages = []
         for client_id in clients:
             if client_id in self.failed:
                 continue
-            if client_id in instructions and instructions[client_id].tensors:  # just before the model: messages keep their order
-                messages.append(tensors_message(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.rank, client_id, self.round_idx,
-                                                instructions[client_id].tensors))
+            messages.extend(self._client_messages(phase, client_id, client_id, instructions.get(client_id)))
             message = Message(msg_type, self.rank, client_id)
             message.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, self.round_idx)
             if client_id in instructions:
@@ -262,6 +276,27 @@ class FedAVGServerManager(ServerManager):
             message.set_packed(self.aggregator.global_model)
             messages.append(message)
         self._send_phase(messages)
+
+    def _instructions(self, phase: str, clients: List[int]) -> Dict[int, ClientInstructions]:
+        """The algorithm's instructions for the clients of a training or test phase."""
+        if phase == "train":
+            return self.aggregator.configure_round(self.round_idx, clients)
+        return self.aggregator.configure_test(self.round_idx, clients)
+
+    def _client_messages(self, phase: str, client_id: int, receiver: int, instructions: Optional[ClientInstructions]) -> List[Message]:
+        """What goes to ``receiver`` (the client, or the worker serving it) just before
+        ``client_id``'s work of ``phase`` (messages keep their order): the algorithm's
+        extra tensors, and for training the trainer state kept for the client."""
+        parts = [(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, instructions.tensors if instructions is not None else None)]
+        if phase == "train":
+            parts.append((MyMessage.MSG_TYPE_S2C_CLIENT_STATE, self.aggregator.client_state(client_id)))
+        messages = []
+        for msg_type, tensors in parts:
+            if tensors:
+                message = tensors_message(msg_type, self.rank, receiver, self.round_idx, tensors)
+                message.add_params(MyMessage.MSG_ARG_KEY_CLIENT, client_id)  # a worker serves many
+                messages.append(message)
+        return messages
 
     def _send_phase(self, messages: List[Message]) -> None:
         """Send a phase's messages, then end the phase if no reply is awaited. Concurrent
@@ -377,9 +412,10 @@ class FedAVGServerManager(ServerManager):
         model, round_idx, failed, records = self.aggregator.global_model, self.round_idx, dict(self.failed), list(self.recorder.records)
         # The strategy builds new state tensors every round (its contract): these stay as they are.
         strategy_state = self.aggregator.strategy.state_dict()
+        client_states = self.aggregator.client_states_snapshot()
         self.checkpoints.submit(lambda: ServerCheckpoint(
             round_idx=round_idx, global_model=model.tensors(), failed_clients=failed, records=records, seed=self.args.seed,
-            strategy_state=strategy_state,
+            strategy_state=strategy_state, client_states=client_states,
         ))
 
     def _finish_run(self) -> None:

@@ -61,7 +61,8 @@ class FedAvgWorkerManager(ServerWorkManager):
         self.strategy = strategy
         self.sample_numbers: Dict[int, Tuple[int, int]] = {}
         self._state: Optional[PackedTensors] = None  # reused packing buffer of one client's trained state
-        self._client_tensors: Dict[int, Dict[str, torch.Tensor]] = {}  # client: extra tensors sent for this round
+        self._client_tensors: Dict[int, Dict[str, torch.Tensor]] = {}  # client: extra tensors sent for this phase
+        self._client_states: Dict[int, Dict[str, torch.Tensor]] = {}  # client: the trainer state kept for it
         self.host = host_name(self.rank)  # reported to the server, which plans the per-host combining
         self._train_round = -1  # the last round this worker was sent clients to train
         self._combination: Optional[HostCombination] = None  # this round's, while it waits for its peers' sums
@@ -77,10 +78,15 @@ class FedAvgWorkerManager(ServerWorkManager):
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_ROUND_TENSORS, self.handle_message_client_tensors)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_W2W_PARTIAL_SUM, self.handle_message_partial_sum)
         self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_PEER_LOST, self.handle_message_peer_lost)
+        self.register_message_receive_handler(MyMessage.MSG_TYPE_S2C_CLIENT_STATE, self.handle_message_client_state)
 
     def handle_message_client_tensors(self, msg: Message) -> None:
         # Copied: the receive buffer is the transport's to recycle.
         self._client_tensors[int(msg.get(MyMessage.MSG_ARG_KEY_CLIENT))] = received_tensors(msg).copy_tensors()
+
+    def handle_message_client_state(self, msg: Message) -> None:
+        # Copied: the trainer may keep it.
+        self._client_states[int(msg.get(MyMessage.MSG_ARG_KEY_CLIENT))] = received_tensors(msg).copy_tensors()
 
     def _paths(self, client: int) -> Tuple[str, str]:
         folder = os.path.join(self.args.data_path, str(client))
@@ -137,12 +143,14 @@ class FedAvgWorkerManager(ServerWorkManager):
                 trainer = self._trainer(client)
                 trainer.update_model(msg.tensors)
                 state, num_samples, _, report = trainer.train(round_idx, configs[str(client)],
-                                                                    self._client_tensors.pop(client, {}))
+                                                              self._client_tensors.pop(client, {}), self._client_states.pop(client, None))
             except UserCodeError as error:
                 logging.error("worker %d: round %d: client %d failed: %s", self.rank, round_idx, client, error)
                 failures[str(client)] = str(error)
                 continue
             trained += 1
+            if report.client_state is not None:  # whether or not the update goes in a partial sum
+                self.send_message(self._client_message(MyMessage.MSG_TYPE_C2S_CLIENT_STATE, round_idx, client, report.client_state))
             packed = self._pack(state, msg.packed)
             if packed is None:
                 rejected[str(client)] = "its state has other tensors (names, dtypes or shapes) than the global model"
@@ -152,9 +160,7 @@ class FedAvgWorkerManager(ServerWorkManager):
                     rejected[str(client)] = reason
             else:
                 if report.tensors:  # just before the update, as the server expects them
-                    extra = tensors_message(MyMessage.MSG_TYPE_C2S_UPDATE_TENSORS, self.rank, 0, round_idx, report.tensors)
-                    extra.add_params(MyMessage.MSG_ARG_KEY_CLIENT, client)
-                    self.send_message(extra)
+                    self.send_message(self._client_message(MyMessage.MSG_TYPE_C2S_UPDATE_TENSORS, round_idx, client, report.tensors))
                 update = Message(MyMessage.MSG_TYPE_C2S_SEND_MODEL_TO_SERVER, self.rank, 0)
                 update.set_packed(packed)
                 update.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
@@ -164,6 +170,7 @@ class FedAvgWorkerManager(ServerWorkManager):
                     update.add_params(MyMessage.MSG_ARG_KEY_METADATA, report.metadata)
                 self.send_message(update)  # returns once the buffer may be reused
         self._client_tensors.clear()  # those of clients that failed before training
+        self._client_states.clear()
         seconds = time.perf_counter() - start
         logging.info("worker %d: round %d: trained %d clients in %.2f s", self.rank, round_idx, trained, seconds)
         reply = Message(MyMessage.MSG_TYPE_C2S_CLIENTS_TRAINED, self.rank, 0)
@@ -289,6 +296,12 @@ class FedAvgWorkerManager(ServerWorkManager):
         self._combined_reply = None
         self.send_message(reply)
 
+    def _client_message(self, msg_type: int, round_idx: int, client: int, tensors: Dict[str, torch.Tensor]) -> Message:
+        """A message of ``client``'s tensors to the server."""
+        message = tensors_message(msg_type, self.rank, 0, round_idx, tensors)
+        message.add_params(MyMessage.MSG_ARG_KEY_CLIENT, client)
+        return message
+
     def _pack(self, state: Dict[str, torch.Tensor], template: PackedTensors) -> Optional[PackedTensors]:
         """``state`` copied into a packed buffer of ``template``'s layout (the global
         model's, every round's: allocated once); None if its tensors are not the template's."""
@@ -299,6 +312,7 @@ class FedAvgWorkerManager(ServerWorkManager):
     def handle_message_test_clients(self, msg: Message) -> None:
         round_idx = msg.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
         self._stop_combining(f"the server had moved on to round {round_idx}'s test")  # it gave up on our reply
+        configs = msg.params.get(MyMessage.MSG_ARG_KEY_CONFIGS) or {}
         results: Dict[str, Dict[str, Any]] = {}
         failures: Dict[str, str] = {}
         start = time.perf_counter()
@@ -306,12 +320,13 @@ class FedAvgWorkerManager(ServerWorkManager):
             try:
                 trainer = self._trainer(client)
                 trainer.update_model(msg.tensors)  # again for each client: a test() may change the model
-                result, num_samples, _ = trainer.test()
+                result, num_samples, _ = trainer.test(round_idx, configs.get(str(client)), self._client_tensors.pop(client, {}))
             except UserCodeError as error:
                 logging.error("worker %d: round %d: client %d failed: %s", self.rank, round_idx, client, error)
                 failures[str(client)] = str(error)
             else:
                 results[str(client)] = {"result": result, "sample_number": num_samples}
+        self._client_tensors.clear()  # those of clients that failed before testing
         reply = Message(MyMessage.MSG_TYPE_C2S_CLIENTS_TESTED, self.rank, 0)
         reply.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
         reply.add_params(MyMessage.MSG_ARG_KEY_RESULTS, results)

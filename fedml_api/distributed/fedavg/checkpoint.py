@@ -67,6 +67,8 @@ class ServerCheckpoint:
         records: the per-round records so far (``metrics.jsonl``'s lines).
         seed: the run's seed (the client sampling is a function of seed and round).
         strategy_state: the aggregation strategy's state between rounds (FedAvg: none).
+        client_states: the snapshot of the store of the trainer's own client states
+            (``ModelTrainer.get_client_state``; empty when the trainer keeps none).
     """
 
     round_idx: int
@@ -75,6 +77,7 @@ class ServerCheckpoint:
     records: List[Dict[str, Any]] = field(default_factory=list)
     seed: int = 0
     strategy_state: Dict[str, Any] = field(default_factory=dict)
+    client_states: Dict[str, Any] = field(default_factory=dict)
 
 
 def save_checkpoint(run_dir: str, checkpoint: ServerCheckpoint, check_previous: bool = False) -> str:

@@ -16,7 +16,15 @@ a client extra tensors, ``S2C_ROUND_TENSORS`` carries them just before the train
 message; a client whose algorithm part returns extra tensors sends them as
 ``C2S_UPDATE_TENSORS`` just before its update, whose ``metadata`` holds the part's plain
 values. (Extra tensors travel in their own message so that the model's messages keep
-the model's layout: received in place, lent on one host.)
+the model's layout: received in place, lent on one host.) On test rounds, an algorithm's
+extra tensors for a client's test (e.g. FedPer's personal layers) come the same way,
+just before the test message, whose ``config`` then holds the algorithm's test config.
+
+A trainer's own client state (``ModelTrainer.get_client_state``): the server sends a
+client the state it keeps for it as ``S2C_CLIENT_STATE`` just before the train message
+(none for a client without one), and a client whose trainer returned one sends it as
+``C2S_CLIENT_STATE`` just before its update. A trainer without client state sends and
+receives neither.
 
 Worker processes (``--worker_processes P``): processes 1..P are workers that serve the
 CLIENT_NUM clients. At start each worker counts the samples of its share of the clients
@@ -41,6 +49,10 @@ partial sum as ``W2W_PARTIAL_SUM`` (``clients``) to its combiner, then its
 The server sends a combiner ``S2C_PEER_LOST`` (``worker``, ``error``) when it gives up
 on one of its peers before the combiner has answered. Test rounds: ``S2C_TEST_CLIENTS`` (the model, ``clients``), answered by
 ``C2S_CLIENTS_TESTED`` (``results``: client -> {result, sample_number}; ``failures``).
+Extra tensors and client states travel per client, as above, each message with its
+``client``: before the assignment to the worker, and before each client's update or,
+with ``partial_sum``, after each client's training (kept by the server only for the
+clients whose updates were used).
 JSON keys are strings: client ids travel as ``"17"``.
 """
 
@@ -54,6 +66,7 @@ class MyMessage:
     MSG_TYPE_S2C_TRAIN_CLIENTS = 5
     MSG_TYPE_S2C_TEST_CLIENTS = 6
     MSG_TYPE_S2C_PEER_LOST = 7
+    MSG_TYPE_S2C_CLIENT_STATE = 8
 
     # client -> server
     MSG_TYPE_C2S_CLIENT_READY = 10
@@ -64,6 +77,7 @@ class MyMessage:
     MSG_TYPE_C2S_WORKER_READY = 15
     MSG_TYPE_C2S_CLIENTS_TRAINED = 16
     MSG_TYPE_C2S_CLIENTS_TESTED = 17
+    MSG_TYPE_C2S_CLIENT_STATE = 18
 
     # worker -> worker
     MSG_TYPE_W2W_PARTIAL_SUM = 20

@@ -6,9 +6,10 @@ then parses its arguments with its own parser (so an unknown or misspelt option,
 missing required one or a bad value is reported once, not once per rank, and before
 any rank starts), builds its model and trainer, and reaches
 ``FedML_FedAvg_distributed``, which calls :func:`run_preflight` instead of starting
-the federation: the federation arguments, the clients' data folders (when every
-process runs on this machine) and the ``--resume`` checkpoint are checked, and the
-process exits: status 0 when the run can start, 2 with the reason otherwise.
+the federation: the federation arguments, the algorithm against the model, the clients'
+data folders (when every process runs on this machine) and the ``--resume`` checkpoint
+are checked, and the process exits: status 0 when the run can start, 2 with the reason
+otherwise.
 """
 from __future__ import annotations
 
@@ -44,11 +45,14 @@ def run_preflight(args: Namespace, model_trainer: ModelTrainer) -> NoReturn:
         check_federation_args(args)
         if os.environ.get(CHECK_DATA_ENV):
             check_client_data(args.data_path, args.client_num_in_total)
+        # As the server will: the algorithm set up with the model (e.g. FedPer's
+        # --personal_layers must name some of its layers, not all) and, on --resume, the
+        # model and the algorithm's state (e.g. a SCAFFOLD checkpoint resumed with
+        # another --federated_optimizer).
+        aggregator = FedAVGAggregator(model_trainer, None, args, make_strategy(args))
         if args.resume:  # a damaged checkpoint.pt with an intact spare resumes from the spare (with a warning)
-            # As the server will: the model, and the algorithm's state (e.g. a SCAFFOLD
-            # checkpoint resumed with another --federated_optimizer).
             checkpoint, resume_path = resolve_resume(args.resume)
-            FedAVGAggregator(model_trainer, None, args, make_strategy(args)).resume(checkpoint, resume_path)
+            aggregator.resume(checkpoint, resume_path)
     except (ValueError, FileNotFoundError, TypeError) as error:  # TypeError: get_model_params' values
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
