@@ -5,7 +5,7 @@
 #   sh benchmarks/bench_federated_optimizers.sh [algorithms|robustness|dp|all] [ROUNDS]
 #
 # algorithms:  FedAvg FedAvgM FedProx FedAdagrad FedAdam FedYogi SCAFFOLD FedNova
-# robustness:  each of FedAvg FedMedian FedTrimmedAvg Krum without attack and with clients
+# robustness:  each of FedAvg FedMedian FedTrimmedAvg Krum MultiKrum without attack and with clients
 #              2 and 5 attacking (sign_flip, scale, gaussian), 10 of 10 clients per round
 # dp:          DPFedAvg at three noise levels (accuracy against epsilon)
 #
@@ -13,9 +13,9 @@
 # draws each set's accuracy curves from their metrics.jsonl. Needs the venv on PATH
 # (source .venv/bin/activate).
 #
-# Sized for a 2-core CPU machine (about 75 minutes for all, 40 rounds): a random 10,000 of
-# CIFAR-10's 50,000 train images (TRAIN_SAMPLES; the whole 10,000-image test set is
-# kept), the CIFAR ResNet18 at width 4 (WIDTH; 64 is the standard network), 1 local epoch,
+# Sized for a 2-core CPU machine (all of it, 40 rounds: about two hours with other work
+# beside it, 2026-12-02): a random 10,000 of CIFAR-10's 50,000 train images
+# (TRAIN_SAMPLES; the whole 10,000-image test set is kept), the CIFAR ResNet18 at width 4 (WIDTH; 64 is the standard network), 1 local epoch,
 # the 10 clients served by 2 worker processes (WORKERS), a test every 2 rounds. Set
 # TRAIN_SAMPLES=50000 WIDTH=64 WORKERS=10 for the full-size experiment on a GPU machine.
 # Extra options for every run: EXTRA="--round_timeout 600".
@@ -55,7 +55,7 @@ if [ "$SET" = algorithms ] || [ "$SET" = all ]; then
     done
 fi
 if [ "$SET" = robustness ] || [ "$SET" = all ]; then
-    for algorithm in FedAvg FedMedian FedTrimmedAvg Krum; do
+    for algorithm in FedAvg FedMedian FedTrimmedAvg Krum MultiKrum; do
         run robustness "$algorithm-none" 10 --federated_optimizer "$algorithm" --trim_ratio 0.2 --krum_f 2
         for attack in sign_flip scale gaussian; do
             run robustness "$algorithm-$attack" 10 --federated_optimizer "$algorithm" --trim_ratio 0.2 --krum_f 2 \
@@ -65,8 +65,8 @@ if [ "$SET" = robustness ] || [ "$SET" = all ]; then
 fi
 if [ "$SET" = dp ] || [ "$SET" = all ]; then
     # Ten clients, five a round: noise of std z * S / 5 on every coordinate. z = 0.3 already
-    # adds a vector of norm ~25 S to a mean of norm <= S, so the levels are small (and the
-    # epsilon large: client-level DP needs many clients).
+    # adds a vector of norm ~13 S (45 k numbers) to a mean of norm <= S, so the levels are
+    # small (and the epsilon large: client-level DP needs many clients).
     for noise in 0.003 0.01 0.03 0.1; do
         run dp "DPFedAvg-z$noise" 5 --federated_optimizer DPFedAvg --clip_norm 1.0 --noise_multiplier "$noise"
     done
