@@ -125,6 +125,27 @@ def test_adaptive_server_optimizers_follow_reddi_et_al_algorithm_2(strategy, var
         x = new
 
 
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("variant", ["adagrad", "adam", "yogi"])
+def test_adaptive_server_optimizers_follow_the_rule_in_every_float_dtype(variant, dtype, rtol):
+    # A float64 model steps in float64; a 16-bit one in float32, rounded at the end.
+    make = {"adagrad": FedAdagrad(server_lr=0.05, beta1=0.8, tau=1e-2),
+            "adam": FedAdam(server_lr=0.05, beta1=0.8, beta2=0.95, tau=1e-2),
+            "yogi": FedYogi(server_lr=0.05, beta1=0.8, beta2=0.95, tau=1e-2)}
+    x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in global_model().items()}
+    strategy = ready(make[variant], x)
+    step = reddi(variant, 0.8, 0.95, 1e-2, 0.05)
+    states_by_key = {k: {} for k in TRAINABLE}
+    for r in range(2):
+        states = [{k: v.to(dtype) if v.is_floating_point() else v for k, v in s.items()} for s in client_states(x, r)]
+        new, _ = run_round(strategy, x, states, round_idx=r)
+        for k in TRAINABLE:
+            assert new[k].dtype == dtype
+            want = step(x[k].double(), mean64(states, SAMPLES, k) - x[k].double(), states_by_key[k])
+            assert_close(new[k], want, k, rtol=rtol, atol=rtol)
+        x = new
+
+
 def test_a_restored_fedadam_continues_bit_exactly():
     x = global_model()
     first = ready(FedAdam(), x)

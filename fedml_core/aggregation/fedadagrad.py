@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
-from .fedopt import FedOpt
+from .fedopt import FedOpt, ADAGRAD
 
 
 class FedAdagrad(FedOpt):
@@ -15,9 +13,7 @@ class FedAdagrad(FedOpt):
     """
 
     name = "FedAdagrad"
+    rule = ADAGRAD
 
     def __init__(self, server_lr: float = 0.1, beta1: float = 0.9, tau: float = 1e-9, max_buffered_updates: Optional[int] = None) -> None:
         super().__init__(server_lr, beta1, 0.0, tau, max_buffered_updates)
-
-    def second_moment(self, v: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(v, delta, delta, out=out)  # square and sum in one pass

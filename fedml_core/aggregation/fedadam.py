@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
-from .fedopt import FedOpt
+from .fedopt import FedOpt, ADAM
 
 
 class FedAdam(FedOpt):
@@ -16,10 +14,8 @@ class FedAdam(FedOpt):
     """
 
     name = "FedAdam"
+    rule = ADAM
 
     def __init__(self, server_lr: float = 0.1, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-9,
                  max_buffered_updates: Optional[int] = None) -> None:
         super().__init__(server_lr, beta1, beta2, tau, max_buffered_updates)
-
-    def second_moment(self, v: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return torch.lerp(v, delta.mul_(delta), 1 - self.beta2, out=out)

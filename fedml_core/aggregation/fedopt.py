@@ -1,13 +1,19 @@
 """FedOpt: adaptive server optimizers on the FedAvg pseudo-gradient (Reddi et al., 2021,
 "Adaptive Federated Optimization", Algorithm 2). FedAdagrad, FedAdam and FedYogi differ
-only in how they update the second moment ``v``."""
+only in how they update the second moment ``v``: their :attr:`FedOpt.rule`."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
+from ..distributed.communication.packed_tensors import PackedTensors
 from .server_optimizer import ServerOptimizer, StateSlices
+from .strategy import FederationInfo
+
+
+#: :attr:`FedOpt.rule`: how the second moment ``v`` takes ``delta^2``.
+ADAGRAD, ADAM, YOGI = 0, 1, 2
 
 
 class FedOpt(ServerOptimizer):
@@ -15,7 +21,7 @@ class FedOpt(ServerOptimizer):
     (``mean``: the clients' sample-weighted mean, ``x``: the round's global model)::
 
         m <- beta1 * m + (1 - beta1) * delta
-        v <- second_moment(v, delta^2)             (the subclass's rule)
+        v <- the subclass's rule (v, delta^2)
         x <- x + server_lr * m / (sqrt(v) + tau)
 
     starting from ``m = 0`` and ``v = tau^2`` (the paper's ``v_{-1} >= tau^2``), with
@@ -31,6 +37,8 @@ class FedOpt(ServerOptimizer):
 
     state_names = ("m", "v")
     accepts_partial_sums = True
+    #: the second moment's rule: :data:`ADAGRAD`, :data:`ADAM` or :data:`YOGI`.
+    rule: int
 
     def __init__(self, server_lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-9,
                  max_buffered_updates: Optional[int] = None) -> None:
@@ -43,16 +51,14 @@ class FedOpt(ServerOptimizer):
     def initial_state(self, name: str) -> float:
         return self.tau ** 2 if name == "v" else 0.0
 
-    def second_moment(self, v: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Write the new ``v`` into ``out`` from the old ``v`` and ``delta`` (which may be
-        overwritten, and ``out`` used as a temporary first)."""
-        raise NotImplementedError
+    def setup(self, global_model: PackedTensors, trainable: Sequence[str], federation: FederationInfo) -> None:
+        super().setup(global_model, trainable, federation)
+        from .fedopt_kernel import fedopt_step  # imports numba: only in the runs that use it
+        self._step = fedopt_step
+        for dtype in {v.dtype for vectors in self._state.values() for v in vectors.values()}:
+            one = [torch.ones(1, dtype=dtype) for _ in range(6)]
+            self._step(self.rule, *one, self.beta1, self.beta2, self.server_lr, self.tau)  # compiled (or loaded) now, not in round 0
 
     def step(self, mean: torch.Tensor, x: torch.Tensor, old: StateSlices, new: StateSlices) -> None:
-        # Every temporary lives in ``mean`` or ``new``: separate ones would take cache
-        # from the step's arrays. Each op streams the block once (their count is the cost).
-        delta = mean.sub_(x)
-        m = torch.lerp(old["m"], delta, 1 - self.beta1, out=new["m"])
-        v = self.second_moment(old["v"], delta, out=new["v"])
-        denominator = torch.sqrt(v, out=mean).add_(self.tau)
-        torch.addcdiv(x, m, denominator, value=self.server_lr, out=mean)
+        self._step(self.rule, mean, x, old["m"], old["v"], new["m"], new["v"],
+                   self.beta1, self.beta2, self.server_lr, self.tau)

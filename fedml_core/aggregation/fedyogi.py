@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
-from .fedopt import FedOpt
+from .fedopt import FedOpt, YOGI
 
 
 class FedYogi(FedOpt):
@@ -16,12 +14,8 @@ class FedYogi(FedOpt):
     """
 
     name = "FedYogi"
+    rule = YOGI
 
     def __init__(self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
                  max_buffered_updates: Optional[int] = None) -> None:
         super().__init__(server_lr, beta1, beta2, tau, max_buffered_updates)
-
-    def second_moment(self, v: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        delta_squared = delta.mul_(delta)
-        sign = torch.sub(v, delta_squared, out=out).sign_()  # the new v's memory as the temporary
-        return torch.addcmul(v, delta_squared, sign, value=-(1 - self.beta2), out=out)
