@@ -5,8 +5,8 @@ clients, in one process with one torch thread, no federation around it.
 
 Trains ``MyModel`` with the template's ``MyModelTrainer.train`` (1 epoch, batch 32,
 lr 0.05: bench_scale.py's settings) on K clients of bench_scale.py's cached Dirichlet(0.5)
-split of N clients (a seeded draw), each from the same initial model, twice: the first
-pass reads every client's data from disk, the second finds it cached. A federated round
+split of N clients (a seeded draw), each from the same initial model, with the allocator
+set up as in a run's ranks, twice: the first pass reads every client's data from disk, the second finds it cached. A federated round
 of K clients on ``--cores`` processes cannot take less than this time divided by the
 cores: ``floor=`` is that, for the first pass (each round of a large federation meets
 mostly clients it has not read yet).
@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_scale import load_template  # noqa: E402
+from fedml_api.utils.process_setup import keep_freed_memory_for_reuse  # noqa: E402
 
 
 def main() -> None:
@@ -36,6 +38,7 @@ def main() -> None:
     if not split.is_dir():
         raise SystemExit(f"no split at {split}: run bench_scale.py --clients {opts.clients} first")
     torch.set_num_threads(1)
+    keep_freed_memory_for_reuse()  # as every rank of a run does: the floor is the training's own time
     template = load_template()
     args = argparse.Namespace(lr=0.05, epochs=1, batch_size=32, momentum=0.9)
     model = template.MyModel(3, 10)

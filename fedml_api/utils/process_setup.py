@@ -1,6 +1,8 @@
 """Per-process setup shared by every experiment's main_fedavg.py."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import random
@@ -17,13 +19,43 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
+#: glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: Allocations up to this size come from the heap (glibc's largest allowed value on 64-bit).
+MMAP_THRESHOLD_BYTES = 32 << 20
+#: Free memory at the top of the heap up to this size stays mapped for reuse.
+TRIM_THRESHOLD_BYTES = 256 << 20
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Make glibc's malloc reuse freed memory instead of handing it back to the kernel.
+
+    Training frees and reallocates every batch's activations (hundreds of KiB to MiB
+    each). Under mpirun glibc maps each such block fresh and unmaps it when freed, so
+    every batch pays page faults and the zeroing of new pages: in a worker training
+    clients of the template CNN the kernel's share was about 40% of the process's CPU,
+    and a round took twice the same training in a plain process (docs/BENCHMARKS.md).
+    A variable the user set (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``)
+    is left as set. Returns whether the settings were applied (False where the C
+    library is not glibc).
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):  # not glibc
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
 def init_training_device(process_id: int, comm) -> torch.device:
-    """Pick this process's device and limit its CPU threads.
+    """Pick this process's device, limit its CPU threads and tune its allocator.
 
     Processes on one host share its cores and GPUs: the local rank (this process's
     index among the job's processes on the same host) picks ``cuda:<local_rank %
     gpu_count>`` when CUDA is available, else the CPU; torch's intra-op threads are
     set to ``cores // processes_on_this_host`` (at least 1) so ranks do not thrash.
+
+    Freed memory is kept for reuse (:func:`keep_freed_memory_for_reuse`).
 
     ``comm`` is the job's MPI communicator; every process must call this (collective).
     """
@@ -34,6 +66,7 @@ def init_training_device(process_id: int, comm) -> torch.device:
     local.Free()
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(max(1, cores // local_size))
+    keep_freed_memory_for_reuse()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
     else:
