@@ -78,3 +78,28 @@ def test_a_checkpoint_of_plain_client_tensors_from_before_the_store_is_read(tmp_
     store = ClientStateStore(str(tmp_path))
     store.restore({4: state(9), "5": state(8)})
     assert store.clients() == [4, 5] and store.get(5)["w"][0] == 8
+
+
+def test_a_resumed_run_works_on_links_of_its_own_and_leaves_the_checkpoint_s_files_as_they_were(tmp_path):
+    original = ClientStateStore(str(tmp_path / "run"))
+    for client in (1, 2):
+        original.put(client, 0, state(client))
+    snapshot = original.snapshot()  # the checkpoint a user resumes from, maybe more than once
+    for attempt in range(2):
+        resumed = ClientStateStore(str(tmp_path / f"resumed{attempt}"))
+        resumed.restore(snapshot)
+        for round_idx in (1, 2, 3):  # three checkpoints later, version 0 is named by none of them
+            resumed.put(1, round_idx, state(10 * round_idx + attempt))
+            resumed.snapshot()
+        assert files(tmp_path / f"resumed{attempt}") == ["1-2.pt", "1-3.pt", "2-0.pt"]
+        assert resumed.get(1)["w"][0] == 30 + attempt and resumed.get(2)["w"][0] == 2
+        assert files(tmp_path / "run") == ["1-0.pt", "2-0.pt"]  # every time: resumable again
+        assert original.get(1)["w"][0] == 1
+
+
+def test_a_store_without_a_directory_reads_a_checkpoint_s_files_into_memory(tmp_path):
+    original = ClientStateStore(str(tmp_path / "run"))
+    original.put(4, 2, state(7))
+    restored = ClientStateStore(None)
+    restored.restore(original.snapshot())
+    assert restored.get(4)["w"][0] == 7 and restored.snapshot()["tensors"]["4"]["w"][0] == 7

@@ -14,7 +14,7 @@ from fedml_core.aggregation.client_state import ClientStateStore
 from fedml_core.aggregation.fedper import FedPer
 from fedml_core.distributed.communication.packed_tensors import PackedTensors
 from test_fedavg_protocol import federation_args, run_federation
-from test_strategies_protocol import records_of
+from test_strategies_protocol import ListTrainer, records_of
 from tiny_federation import TinyTrainer, make_model, reference_run, sampled_clients
 
 FEDERATION = FederationInfo(num_clients=6, clients_per_round=3, seed=3)
@@ -176,6 +176,26 @@ def test_fedper_clients_train_their_own_personal_layers_and_test_with_them(tmp_p
     personalised = personalised_test_loss(str(data_path), range(1, 6), expected, own)
     assert last["test"]["loss"] == pytest.approx(personalised, abs=1e-5)
     assert abs(personalised_test_loss(str(data_path), range(1, 6), expected, {}) - personalised) > 1e-3
+
+
+def test_fedper_runs_a_trainer_that_returns_a_list_as_it_runs_the_same_model_by_names(tmp_path):
+    # The list's tensors ("0", "1", ...) are the model's state_dict by position: the
+    # prefixes find the head by the model's names, and the run is the named run.
+    runs = {}
+    for name, factory in (("dict", TinyTrainer), ("list", ListTrainer)):
+        _, run_dir, errors = run_federation(tmp_path / name, clients=4, per_round=3, rounds=3, test_every=3,
+                                            extra=FEDPER, trainer_factory=factory)
+        assert not errors
+        runs[name] = run_dir
+    named, listed = (list(torch.load(runs[n] / "final_model.pt").values()) for n in ("dict", "list"))
+    assert all(torch.equal(a, b) for a, b in zip(named, listed))
+    by_position = {str(i): key for i, key in enumerate(make_model().state_dict())}
+    named_layers, listed_layers = stored_personal_layers(runs["dict"]), stored_personal_layers(runs["list"])
+    assert sorted(named_layers) == sorted(listed_layers) and named_layers
+    for client, layers in listed_layers.items():
+        assert {by_position[i] for i in layers} == HEAD
+        assert all(torch.equal(t, named_layers[client][by_position[i]]) for i, t in layers.items())
+    assert records_of(runs["list"])[-1]["test"] == records_of(runs["dict"])[-1]["test"]  # personalised, the same
 
 
 @pytest.mark.parametrize("workers", [None, 2])

@@ -11,11 +11,14 @@ strategy's checkpoint state) names files that stay as they are while later round
 newer versions. The versions the last two snapshots name are kept (a checkpoint and its
 spare, which a damaged checkpoint falls back on); older ones are deleted as newer ones
 are written. A resumed run :meth:`~ClientStateStore.restore`\\ s the snapshot and goes on
-from those files, so it continues bit-exactly.
+from links to those files in its own directory, so it continues bit-exactly and the
+checkpoint it came from stays resumable.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
@@ -49,8 +52,8 @@ class ClientStateStore:
     def clients(self) -> List[int]:
         return sorted(self._versions)
 
-    def _path(self, client: int, version: int) -> str:
-        return os.path.join(self.directory, str(client // CLIENTS_PER_FOLDER), f"{client}-{version}.pt")
+    def _path(self, client: int, version: int, directory: Optional[str] = None) -> str:
+        return os.path.join(directory or self.directory, str(client // CLIENTS_PER_FOLDER), f"{client}-{version}.pt")
 
     def get(self, client: int) -> Optional[Dict[str, torch.Tensor]]:
         """The latest state of ``client`` (name -> CPU tensor), or None if it has none."""
@@ -104,22 +107,47 @@ class ClientStateStore:
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
         """Continue from a :meth:`snapshot` (the run it was taken in wrote the files), or
-        from a plain ``{client: tensors}`` map (what checkpoints held before this store)."""
+        from a plain ``{client: tensors}`` map (what checkpoints held before this store).
+
+        The snapshot's files are linked (or, across file systems, copied) into this
+        store's directory, and only those copies are ever replaced or removed: the
+        checkpoint's run keeps its own, so each of its checkpoints can be resumed again.
+        A store without a directory reads them into memory."""
         if "directory" not in snapshot:
             for client, tensors in snapshot.items():
                 self.put(int(client), -1, tensors)
             return
-        if snapshot["directory"] is None:
+        source = snapshot["directory"]
+        if source is None:
             self._in_memory = {int(c): dict(t) for c, t in snapshot.get("tensors", {}).items()}
             self._versions = {c: 0 for c in self._in_memory}
             return
-        self.directory = snapshot["directory"]
-        self._versions = {int(c): int(v) for c, v in snapshot["versions"].items()}
-        missing = [c for c, v in self._versions.items() if not os.path.exists(self._path(c, v))]
+        versions = {int(c): int(v) for c, v in snapshot["versions"].items()}
+        missing = [c for c, v in versions.items() if not os.path.exists(self._path(c, v, source))]
         if missing:
-            raise ValueError(f"the client states of clients {missing[:5]} are missing from {self.directory} "
-                             f"(expected files such as {self._path(missing[0], self._versions[missing[0]])})")
-        self._snapshots = [dict(self._versions), dict(self._versions)]
+            raise ValueError(f"the client states of clients {missing[:5]} are missing from {source} "
+                             f"(expected files such as {self._path(missing[0], versions[missing[0]], source)})")
+        if self.directory is None:
+            self._in_memory = {c: torch.load(self._path(c, v, source), map_location="cpu", weights_only=True)
+                               for c, v in versions.items()}
+        elif os.path.abspath(source) != self.directory:
+            for client, version in versions.items():
+                self._adopt(self._path(client, version, source), self._path(client, version))
+        self._versions = versions
+        self._snapshots = [dict(versions), dict(versions)]
+
+    def _adopt(self, source: str, path: str) -> None:
+        """Make ``path`` a copy of ``source``: a hard link where the file system allows."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = path + ".partial"
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+        try:
+            os.link(source, partial)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(source, partial)
+        os.replace(partial, path)
+        self._unsynced.add(path)
 
     def check_layout(self, expected: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]], what: str) -> None:
         """Raise ValueError unless the stored states hold the tensors ``expected``

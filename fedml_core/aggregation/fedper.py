@@ -49,8 +49,8 @@ class FedPer(FedAvg):
     Args:
         personal_layers: name prefixes of the personal tensors, comma-separated or a
             list (e.g. ``"fc"``, ``"fc,layer4"``; see :func:`is_personal`), matched
-            against the names of the trainer's ``get_model_params()`` (the model's
-            ``state_dict`` keys by default).
+            against the model's ``state_dict`` keys (also when ``get_model_params()``
+            returns a list: its tensors by position).
         max_buffered_updates: see :class:`~fedml_core.aggregation.fedavg.WeightedMeanAccumulator`.
     """
 
@@ -66,7 +66,8 @@ class FedPer(FedAvg):
         self._returned: Dict[int, Dict[str, torch.Tensor]] = {}
 
     def setup(self, global_model: PackedTensors, trainable: Sequence[str], federation: FederationInfo) -> None:
-        names = [spec.name for spec in global_model.specs]
+        # Matched by the model's names: a list's tensors ("0", "1", ...) by theirs.
+        names = [federation.model_name(spec.name) for spec in global_model.specs]
         for prefix in self.prefixes:
             if not any(is_personal(name, [prefix]) for name in names):
                 modules = sorted({name.split(".")[0] for name in names})
@@ -74,7 +75,7 @@ class FedPer(FedAvg):
                 raise ValueError(f"--personal_layers: {prefix!r} names no tensor of the model"
                                  f"{f' (did you mean {close[0]!r}?)' if close else ''}; its top-level modules are "
                                  f"{', '.join(modules[:20])}")
-        self._personal = [spec for spec in global_model.specs if is_personal(spec.name, self.prefixes)]
+        self._personal = [spec for spec in global_model.specs if is_personal(federation.model_name(spec.name), self.prefixes)]
         personal = {spec.name for spec in self._personal}
         floating = {spec.name for spec in global_model.specs if spec.dtype.is_floating_point}
         federated = [name for name in trainable if name not in personal and name in floating]
@@ -148,8 +149,7 @@ class FedPerClient(ClientAlgorithm):
         self._load(model, round_info.tensors)
 
     def _load(self, model: torch.nn.Module, layers: Mapping[str, torch.Tensor]) -> None:
-        # Loaded by name into the model's own tensors: the names are the state_dict's (a
-        # trainer whose get_model_params names them otherwise, e.g. a list, is refused).
+        # Loaded by name into the model's own tensors (a list's arrive renamed to them).
         state = model.state_dict()
         if not any(is_personal(name, self.prefixes) for name in state):
             raise ValueError(f"FedPer: --personal_layers {','.join(self.prefixes)} names no tensor of the model's state_dict(); "

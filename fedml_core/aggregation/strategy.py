@@ -88,12 +88,20 @@ class FederationInfo:
         state_directory: where a strategy keeps per-client state on disk (a folder under
             the run directory; see :mod:`~fedml_core.aggregation.client_state`); None:
             in memory (a strategy used outside a run).
+        model_names: the model's ``state_dict`` key of each global-model tensor whose
+            name on the wire is another (a trainer whose ``get_model_params`` returns a
+            list sends ``"0"``, ``"1"``, ...; see :meth:`model_name`).
     """
 
     num_clients: int
     clients_per_round: int
     seed: int = 0
     state_directory: Optional[str] = None
+    model_names: Mapping[str, str] = field(default_factory=dict)
+
+    def model_name(self, name: str) -> str:
+        """The model's name (``state_dict`` key) of the global-model tensor ``name``."""
+        return self.model_names.get(name, name)
 
     def client_store(self, name: str) -> ClientStateStore:
         """A store of per-client tensors of its own, ``<state_directory>/<name>`` (in

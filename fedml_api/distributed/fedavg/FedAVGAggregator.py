@@ -44,7 +44,8 @@ class FedAVGAggregator:
         trainable = trainable_names(getattr(model_trainer, "model", None), self.global_model)
         run_dir = getattr(args, "run_dir", None)
         federation = FederationInfo(args.client_num_in_total, args.client_num_per_round, getattr(args, "seed", 0),
-                                    os.path.join(run_dir, "client_state") if run_dir else None)
+                                    os.path.join(run_dir, "client_state") if run_dir else None,
+                                    renamed_tensors(getattr(model_trainer, "model", None), self.global_model))
         self.strategy.setup(self.global_model, trainable, federation)
         self.client_states = federation.client_store("trainer")
         self._new_client_states: Dict[int, Dict[str, torch.Tensor]] = {}  # this round's, until its updates are used
@@ -169,6 +170,17 @@ class FedAVGAggregator:
         with the ResultAggregator, which receives them keyed by client_idx from 0 (the contract)."""
         ordered = {idx: results[cid] for idx, cid in enumerate(sorted(results))}
         return aggregate_test_results(self.result_aggregator, round_idx, ordered)
+
+
+def renamed_tensors(model: Optional[torch.nn.Module], global_model: PackedTensors) -> Dict[str, str]:
+    """The model's name of each global-model tensor named otherwise on the wire (a
+    list's ``"0"``, ``"1"``, ..., matched as
+    :func:`~fedml_core.trainer.model_trainer.model_keys` matches them); empty when
+    the names are the model's, or without a model to ask."""
+    if not isinstance(model, torch.nn.Module):
+        return {}
+    keys = model_keys([spec.name for spec in global_model.specs], model)
+    return {name: key for name, key in keys.items() if name != key}
 
 
 def trainable_names(model: Optional[torch.nn.Module], global_model: PackedTensors) -> List[str]:
