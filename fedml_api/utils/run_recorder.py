@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 import torch
 
 from fedml_api.utils.durable_file import FileWriteError, describe_error
+from fedml_api.utils.wandb_setup import wait_for_wandb
 
 # Round summaries are the run's record: logged at INFO whatever the root logger's level.
 logger = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ class RunRecorder:
             self._metrics.write(json.dumps(record) + "\n")
             self._metrics.flush()
         logger.info("%s", format_round(record, self.config.get("comm_round")))
-        wandb = sys.modules.get("wandb")  # logged only if the user's main started a wandb run
+        wait_for_wandb()  # the framework's own start of it, if any
+        wandb = sys.modules.get("wandb")  # logged only if a wandb run was started
         if wandb is not None and getattr(wandb, "run", None) is not None:
             flat = {f"test/{k}": v for k, v in record.get("test", {}).items()}
             flat.update({k: v for k, v in record.items() if isinstance(v, (int, float))})

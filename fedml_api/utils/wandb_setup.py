@@ -4,8 +4,9 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import threading
 from argparse import Namespace
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 
 def wandb_logged_in() -> bool:
@@ -42,3 +43,40 @@ def init_wandb(args: Namespace, project: str, name: Optional[str] = None) -> Opt
             raise
         logging.warning("wandb online init failed (%s); logging offline instead", error)
         return wandb.init(project=project, name=name, dir=args.run_dir, config=config, mode="offline", settings=settings)
+
+
+_started: Dict[str, Any] = {}  # the background start: its "thread", then its "run" or "error"
+
+
+def start_wandb(args: Namespace, project: str, name: Optional[str] = None) -> None:
+    """:func:`init_wandb` on a thread of its own, so that the run does not wait for it.
+
+    wandb's start (its import, its service process) took 2.4 s on the server of a
+    4-client run on 2 cores, while every client waited for the server at its first
+    collective (docs/BENCHMARKS.md); it now overlaps the clients' start-up and round
+    0. :func:`wait_for_wandb` joins it: the run's first record waits for it, so every
+    round reaches wandb.
+    """
+    def start() -> None:
+        try:
+            _started["run"] = init_wandb(args, project, name)
+        except Exception as error:  # noqa: BLE001 - any failure of wandb's leaves the run to go on
+            _started["error"] = error
+
+    _started.clear()
+    _started["thread"] = threading.Thread(target=start, name="wandb-start")
+    _started["thread"].start()
+
+
+def wait_for_wandb() -> Optional[Any]:
+    """The run :func:`start_wandb` started, once started (None: none was, it is
+    disabled, or it failed; a failure is logged once, and the run goes on without
+    wandb: ``metrics.jsonl`` holds every round)."""
+    thread = _started.pop("thread", None)
+    if thread is not None:
+        thread.join()
+        if "error" in _started:
+            error = _started.pop("error")
+            logging.error("wandb could not start (%s: %s); the run goes on without it (metrics.jsonl has every round)",
+                          type(error).__name__, error)
+    return _started.get("run")

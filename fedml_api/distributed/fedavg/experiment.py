@@ -9,7 +9,8 @@ process (server and clients) runs the same steps:
    the experiment's data folder) then the model's, checked (a bad value exits with a
    usage error naming it, before any work);
 4. ``setproctitle("FedAvg (distributed):<process_id>")`` and the host name logged;
-5. on process 0: the run directory and wandb (``--wandb_mode``; never prompts);
+5. on process 0: the run directory and wandb (``--wandb_mode``; never prompts; started
+   in the background, see :func:`~fedml_api.utils.wandb_setup.start_wandb`);
 6. ``random``, ``numpy``, ``torch`` and CUDA seeded with ``--seed``;
 7. ``device = init_training_device(process_id, comm)``;
 8. ``train_path`` / ``test_path`` = ``<data_path>/<process_id>/train`` and ``/test``;
@@ -29,7 +30,7 @@ import setproctitle
 import torch
 
 from fedml_api.utils.process_setup import init_training_device, seed_everything
-from fedml_api.utils.wandb_setup import init_wandb
+from fedml_api.utils.wandb_setup import start_wandb, wait_for_wandb
 from fedml_core.aggregation import AggregationStrategy
 from fedml_core.trainer.model_trainer import ModelTrainer
 from fedml_core.trainer.result_aggregator import ResultAggregator
@@ -85,11 +86,10 @@ def run_fedavg_experiment(
     setproctitle.setproctitle("FedAvg (distributed):" + str(process_id))
     logging.info("process %d of %d on host %s (pid %d)", process_id, worker_number, socket.gethostname(), os.getpid())
 
-    wandb_run = None
     if process_id == 0 and preflight_process_num() is None:  # the launcher's check writes nothing
         args.run_dir = args.run_dir or default_run_dir(name)
         os.makedirs(args.run_dir, exist_ok=True)
-        wandb_run = init_wandb(args, project="fedml", name=f"FedAvg-{name}-r{args.comm_round}-c{args.client_num_in_total}")
+        start_wandb(args, project="fedml", name=f"FedAvg-{name}-r{args.comm_round}-c{args.client_num_in_total}")
 
     seed_everything(args.seed)
     device = init_training_device(process_id, comm)
@@ -107,5 +107,6 @@ def run_fedavg_experiment(
     FedML_FedAvg_distributed(process_id, worker_number, device, comm, model, args,
                              train_path, test_path, result_aggregator, model_trainer,
                              strategy=strategy(args) if strategy is not None else None)
+    wandb_run = wait_for_wandb()
     if wandb_run is not None:
         wandb_run.finish()

@@ -1,0 +1,23 @@
+"""wandb's start in the background (fedml_api/utils/wandb_setup.py)."""
+import logging
+from argparse import Namespace
+
+from fedml_api.utils.wandb_setup import start_wandb, wait_for_wandb
+
+
+def test_without_a_start_there_is_no_run_to_wait_for():
+    assert wait_for_wandb() is None
+
+
+def test_a_disabled_wandb_starts_nothing():
+    start_wandb(Namespace(wandb_mode="disabled"), project="fedml")
+    assert wait_for_wandb() is None
+
+
+def test_a_start_that_fails_is_logged_once_and_the_run_goes_on_without_wandb(caplog):
+    start_wandb(Namespace(wandb_mode="no such mode"), project="fedml")  # init_wandb trips over the Namespace
+    with caplog.at_level(logging.ERROR):
+        assert wait_for_wandb() is None
+        assert wait_for_wandb() is None
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith("wandb could not start (") and "metrics.jsonl has every round" in message
