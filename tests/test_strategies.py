@@ -1,11 +1,17 @@
 """Each algorithm's server step against its paper's update rule, computed here in plain
 float64 arithmetic on fixed updates (not through the framework's code)."""
+import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 
 import dp_accounting
 import pytest
 import torch
 
+from conftest import REPO_ROOT
 from fedml_core.aggregation import ClientUpdate, FederationInfo
 from fedml_core.aggregation.dp_fedavg import DPFedAvg
 from fedml_core.aggregation.fedadagrad import FedAdagrad
@@ -144,6 +150,43 @@ def test_adaptive_server_optimizers_follow_the_rule_in_every_float_dtype(variant
             want = step(x[k].double(), mean64(states, SAMPLES, k) - x[k].double(), states_by_key[k])
             assert_close(new[k], want, k, rtol=rtol, atol=rtol)
         x = new
+
+
+READ_ONLY_FEDADAM = """
+import json
+import torch
+from fedml_core.aggregation import ClientUpdate
+from fedml_core.aggregation.fedadam import FedAdam
+from fedml_core.aggregation.strategy import FederationInfo
+from fedml_core.distributed.communication.packed_tensors import PackedTensors
+x = PackedTensors.from_tensors({"w": torch.zeros(3)})
+strategy = FedAdam(server_lr=0.5, tau=1e-3)
+strategy.setup(x, ["w"], FederationInfo(1, 1))
+strategy.configure_round(0, [1], x)
+strategy.add(ClientUpdate(1, PackedTensors.from_tensors({"w": torch.ones(3)}), 1))
+import fedml_core
+print(json.dumps({"imported_from": fedml_core.__file__, "w": strategy.aggregate(x, 0).tensors()["w"].tolist()}))
+"""
+
+
+def test_fedadam_runs_from_a_read_only_install_without_a_writable_home(tmp_path):
+    # numba finds no place for its disk cache there: the step is compiled in the process.
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare (a private read-only bind mount)")
+    install = tmp_path / "install"
+    shutil.copytree(os.path.join(REPO_ROOT, "fedml_core"), install / "fedml_core", ignore=shutil.ignore_patterns("__pycache__"))
+    script = (f"mount --bind {install} {install} && mount -o remount,bind,ro {install} && "
+              f"{sys.executable} -c '{READ_ONLY_FEDADAM}'")
+    env = {**os.environ, "HOME": "/proc/no-home", "PYTHONPATH": str(install), "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("NUMBA_CACHE_DIR", None)
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout)
+    assert out["imported_from"].startswith(str(install))
+    # delta = 1: m = (1 - beta1) * delta, v = beta2 * tau^2 + (1 - beta2) * delta^2
+    step = 0.5 * 0.1 / (math.sqrt(0.99 * 1e-6 + 0.01) + 1e-3)
+    assert out["w"] == pytest.approx([step] * 3, rel=1e-5)
 
 
 def test_a_restored_fedadam_continues_bit_exactly():

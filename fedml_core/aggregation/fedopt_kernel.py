@@ -17,7 +17,16 @@ import torch
 from .fedopt import ADAGRAD, ADAM
 
 
-@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _compiled(function):
+    """``function`` compiled, cached on disk where numba finds a writable place (beside
+    this file, or the user's cache folder), else compiled afresh in each process."""
+    try:
+        return numba.njit(nogil=True, cache=True, error_model="numpy")(function)
+    except RuntimeError:  # "no locator available": a read-only install and no writable home
+        return numba.njit(nogil=True, error_model="numpy")(function)
+
+
+@_compiled
 def _fedopt_loop(rule, mean, x, m_old, v_old, m_new, v_new, m_share, v_share, server_lr, tau):
     for i in range(mean.shape[0]):
         delta = mean[i] - x[i]
