@@ -41,11 +41,13 @@ class FedAVGAggregator:
         self.args = args
         self.strategy = strategy if strategy is not None else FedAvg(getattr(args, "max_buffered_updates", None))
         self.global_model = PackedTensors.from_tensors(as_named_tensors(model_trainer.get_model_params(), model_trainer))
-        trainable = trainable_names(getattr(model_trainer, "model", None), self.global_model)
+        model = getattr(model_trainer, "model", None)
+        names = model_names(model, self.global_model)
+        trainable = trainable_names(model, self.global_model, names)
         run_dir = getattr(args, "run_dir", None)
         federation = FederationInfo(args.client_num_in_total, args.client_num_per_round, getattr(args, "seed", 0),
                                     os.path.join(run_dir, "client_state") if run_dir else None,
-                                    renamed_tensors(getattr(model_trainer, "model", None), self.global_model))
+                                    {wire: name for wire, name in names.items() if wire != name})
         self.strategy.setup(self.global_model, trainable, federation)
         self.client_states = federation.client_store("trainer")
         self._new_client_states: Dict[int, Dict[str, torch.Tensor]] = {}  # this round's, until its updates are used
@@ -172,25 +174,20 @@ class FedAVGAggregator:
         return aggregate_test_results(self.result_aggregator, round_idx, ordered)
 
 
-def renamed_tensors(model: Optional[torch.nn.Module], global_model: PackedTensors) -> Dict[str, str]:
-    """The model's name of each global-model tensor named otherwise on the wire (a
-    list's ``"0"``, ``"1"``, ..., matched as
-    :func:`~fedml_core.trainer.model_trainer.model_keys` matches them); empty when
-    the names are the model's, or without a model to ask."""
+def model_names(model: Optional[torch.nn.Module], global_model: PackedTensors) -> Dict[str, str]:
+    """The model's name (``state_dict`` key) of each global-model tensor, matched as
+    :func:`~fedml_core.trainer.model_trainer.model_keys` matches them (a list's ``"0"``,
+    ``"1"``, ... by position); empty without a model to ask, or a result it cannot match."""
     if not isinstance(model, torch.nn.Module):
         return {}
-    keys = model_keys([spec.name for spec in global_model.specs], model)
-    return {name: key for name, key in keys.items() if name != key}
+    return model_keys([spec.name for spec in global_model.specs], model)
 
 
-def trainable_names(model: Optional[torch.nn.Module], global_model: PackedTensors) -> List[str]:
+def trainable_names(model: Optional[torch.nn.Module], global_model: PackedTensors, names: Mapping[str, str]) -> List[str]:
     """The names of the global model's tensors that are the model's parameters (the
-    others are buffers), matched as :func:`~fedml_core.trainer.model_trainer.model_keys`
-    matches them (a list's by position). Without a model to ask, or a result it cannot
-    match, every floating-point tensor counts as a parameter."""
-    if isinstance(model, torch.nn.Module):
-        keys = model_keys([spec.name for spec in global_model.specs], model)
-        if keys:
-            parameters = {name for name, _ in model.named_parameters()}
-            return [spec.name for spec in global_model.specs if keys.get(spec.name) in parameters]
+    others are buffers), by their model's ``names`` (:func:`model_names`). Without
+    those, every floating-point tensor counts as a parameter."""
+    if names:
+        parameters = {name for name, _ in model.named_parameters()}
+        return [spec.name for spec in global_model.specs if names.get(spec.name) in parameters]
     return [spec.name for spec in global_model.specs if spec.dtype.is_floating_point]
