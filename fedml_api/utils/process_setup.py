@@ -31,10 +31,11 @@ def keep_freed_memory_for_reuse() -> bool:
     """Make glibc's malloc reuse freed memory instead of handing it back to the kernel.
 
     Training frees and reallocates every batch's activations (hundreds of KiB to MiB
-    each). Under mpirun glibc maps each such block fresh and unmaps it when freed, so
-    every batch pays page faults and the zeroing of new pages: in a worker training
-    clients of the template CNN the kernel's share was about 40% of the process's CPU,
-    and a round took twice the same training in a plain process (docs/BENCHMARKS.md).
+    each). With glibc's defaults such blocks are mapped afresh and unmapped when freed,
+    so every batch pays page faults and the zeroing of new pages: in a worker training
+    clients of the template CNN under mpirun the kernel's share was about 40% of the
+    process's CPU and a round took twice the same training in a plain process, which
+    gains from the setting too, less (docs/BENCHMARKS.md).
     A variable the user set (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``)
     is left as set. Returns whether the settings were applied (False where the C
     library is not glibc).
