@@ -59,6 +59,7 @@ reversed every other repeat. One run at a time. Every run is appended to
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -173,11 +174,7 @@ def _flower_venv_ok(python: Path) -> bool:
 
 
 def _has_venv_module() -> bool:
-    try:
-        import venv  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("venv") is not None
 
 
 def _pinned_like_this_environment(names: Iterable[str]) -> List[str]:

@@ -1,6 +1,7 @@
 """launch_fedavg.sh's own logic (options, grace period, exit status), against a fake
 mpirun: quick, and no MPI needed."""
 import os
+import shutil
 import subprocess
 import time
 
@@ -50,6 +51,20 @@ def test_ranks_left_after_the_server_reported_are_stopped_after_the_grace_and_th
     assert result.returncode == 3, result.stderr
     assert "the server finished 1 s ago" in result.stderr
     assert 1 <= seconds < 30
+
+
+def test_the_grace_is_wall_time_even_when_every_poll_runs_long(fake, tmp_path):
+    # On a loaded machine the launcher's 20 ms sleeps run long: here each takes 0.5 s (a
+    # "sleep" first on PATH). Counted in polls, a 2 s grace would last 50 s.
+    slow = tmp_path / "bin"
+    slow.mkdir()
+    (slow / "sleep").write_text(f'#!/bin/sh\ncase "$1" in 0.*) exec {shutil.which("sleep")} 0.5 ;; esac\n'
+                                f'exec {shutil.which("sleep")} "$@"\n')
+    (slow / "sleep").chmod(0o755)
+    result, seconds = run_launcher(fake, FEDML_EXIT_GRACE="2", FAKE_STATUS="0", PATH=f"{slow}:{os.environ['PATH']}")
+    assert result.returncode == 0, result.stderr
+    assert "the server finished 2 s ago" in result.stderr
+    assert 2 <= seconds < 20
 
 
 @pytest.mark.parametrize("positionals", [["08", "2", "1"], ["010", "2", "1"], ["2", "2", "09"], ["0", "1", "1"]])

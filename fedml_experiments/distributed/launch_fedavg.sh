@@ -47,8 +47,8 @@ if [ "$WORKER_NUM" -gt "$CLIENT_NUM" ]; then
 fi
 
 GRACE=${FEDML_EXIT_GRACE:-15}
-# Counted in shell arithmetic (ticks of 1/50 s), which takes integers only: a value such
-# as 1.5 would stop this script once the server has reported, leaving the job running.
+# Counted in shell arithmetic (hundredths of a second), which takes integers only: a value
+# such as 1.5 would stop this script once the server has reported, leaving the job running.
 case "$GRACE" in
     ''|*[!0-9]*) echo "error: FEDML_EXIT_GRACE must be a whole number of seconds (0 or more), got '$GRACE'" >&2; exit 2 ;;
 esac
@@ -201,7 +201,11 @@ MPIRUN_PID=
 # (dash's kill takes no "--" after a bare signal name: always "kill -s SIGNAL -- -PGID".)
 stop_job() { if [ -n "$MPIRUN_PID" ]; then kill -s "$1" -- "-$MPIRUN_PID" 2>/dev/null || true; fi; }
 
-WAITED=0  # ticks (1/50 s) since the server reported, died without reporting, or we were interrupted
+# The grace is wall time, read from /proc/uptime with the shell's own read (no process per
+# poll): counting polls would stretch it on a loaded machine, where each sleep runs long.
+now_cs() { read -r UPTIME _ < /proc/uptime; NOW=$(( ${UPTIME%.*} * 100 + 1${UPTIME#*.} - 100 )); }
+WAIT_FROM=  # uptime (1/100 s) when the server reported, died without reporting, or we were interrupted
+WAITED=0    # 1/100 s since WAIT_FROM
 STOPPED=no
 SERVER_DIED=no
 INTERRUPTED=  # the exit status after a signal to this launcher (128 + its number)
@@ -210,7 +214,8 @@ interrupt() {
     echo "launcher: interrupted; stopping the job" >&2
     stop_job TERM
     STOPPED=yes
-    WAITED=$((GRACE * 50))  # what ignores TERM gets KILL 3 s later
+    now_cs
+    WAIT_FROM=$((NOW - GRACE * 100))  # what ignores TERM gets KILL 3 s later
 }
 # Installed before mpirun starts: a signal in between must not leave it running alone.
 trap 'interrupt 130' INT
@@ -226,8 +231,10 @@ MPIRUN_PID=$!
 THIS_HOST=$(hostname)
 while kill -0 "$MPIRUN_PID" 2>/dev/null; do
     if [ -f "$STATUS_FILE" ] || [ "$SERVER_DIED" = yes ] || [ -n "$INTERRUPTED" ]; then
-        WAITED=$((WAITED + 1))
-        if [ "$STOPPED" = no ] && [ "$WAITED" -ge $((GRACE * 50)) ]; then
+        now_cs
+        WAIT_FROM=${WAIT_FROM:-$NOW}
+        WAITED=$((NOW - WAIT_FROM))
+        if [ "$STOPPED" = no ] && [ "$WAITED" -ge $((GRACE * 100)) ]; then
             if [ "$SERVER_DIED" = yes ]; then
                 echo "launcher: the server (process 0) died without reporting an exit status; stopping the job" >&2
             else
@@ -235,7 +242,7 @@ while kill -0 "$MPIRUN_PID" 2>/dev/null; do
             fi
             stop_job TERM
             STOPPED=yes
-        elif [ "$STOPPED" = yes ] && [ "$WAITED" -ge $((GRACE * 50 + 150)) ]; then
+        elif [ "$STOPPED" = yes ] && [ "$WAITED" -ge $((GRACE * 100 + 300)) ]; then
             # mpirun cannot reach some host to stop its processes: kill it, its process
             # group and its children (its ssh sessions run in process groups of their own).
             pkill -KILL -P "$MPIRUN_PID" 2>/dev/null || true
@@ -246,12 +253,13 @@ while kill -0 "$MPIRUN_PID" 2>/dev/null; do
         read -r SERVER_HOST SERVER_PID < "$STATUS_FILE.server" || true
         if [ "$SERVER_HOST" = "$THIS_HOST" ] && ! kill -0 "$SERVER_PID" 2>/dev/null && [ ! -f "$STATUS_FILE" ]; then
             SERVER_DIED=yes
-            WAITED=$(( GRACE > 2 ? (GRACE - 2) * 50 : 0 ))  # the clients get 2 s to notice and exit by themselves
+            now_cs
+            WAIT_FROM=$(( NOW - (GRACE > 2 ? GRACE - 2 : 0) * 100 ))  # the clients get 2 s to notice and exit by themselves
         fi
     fi
     # The run ends soon after the server has reported: then poll faster, so that the
     # command returns within ~20 ms of mpirun (not up to 0.1 s later).
-    if [ "$WAITED" -gt 0 ] || [ -f "$STATUS_FILE" ]; then sleep 0.02; else sleep 0.1; fi
+    if [ -n "$WAIT_FROM" ] || [ -f "$STATUS_FILE" ]; then sleep 0.02; else sleep 0.1; fi
 done
 MPI_STATUS=0
 wait "$MPIRUN_PID" || MPI_STATUS=$?
