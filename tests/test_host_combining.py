@@ -11,7 +11,8 @@ import torch
 
 from fedml_api.distributed.fedavg.client_assignment import assign_clients
 from fedml_api.distributed.fedavg.FedAvgWorkerManager import FedAvgWorkerManager
-from fedml_api.distributed.fedavg.host_combining import FAKE_HOSTS_ENV, HostCombination, combining_plan, host_name
+from fedml_api.distributed.fedavg.host_combining import (FAKE_HOSTS_ENV, HostCombination, combining_plan, host_name,
+                                                          too_late_to_combine)
 from fedml_api.distributed.fedavg.message_define import MyMessage
 from fedml_core.aggregation.partial_sums import PartialSum
 from fedml_core.distributed.communication.inprocess_transport import InProcessTransport
@@ -116,6 +117,12 @@ def test_a_peer_sum_naming_clients_not_assigned_to_it_is_not_added_and_the_peer_
     combination.add(2, [2, 6], _partial([5.0], [2, 6]).tensors())
     assert combination.complete and own.clients == [1]
     assert combination.missing == {2: "its sum names clients [2, 6], not all of its [2]"}
+
+
+def test_a_peer_sends_its_sum_to_the_server_itself_only_in_the_last_tenth_of_its_combine_window():
+    assert not too_late_to_combine(received=100.0, combine_seconds=10.0, now=108.9)
+    assert too_late_to_combine(received=100.0, combine_seconds=10.0, now=109.0)
+    assert not too_late_to_combine(received=100.0, combine_seconds=None, now=1e9)  # no deadline: always combined
 
 
 def test_lost_and_timed_out_peers_are_missing_and_the_sums_that_came_still_count():
@@ -256,23 +263,41 @@ def freeze(monkeypatch, worker, seconds):
     monkeypatch.setattr(FreezingTrainer, "seconds", seconds)
 
 
-def test_a_frozen_peer_fails_its_clients_at_the_combine_deadline_and_its_late_sum_is_ignored(tmp_path, monkeypatch):
+def test_a_peer_frozen_past_the_server_s_deadline_fails_its_clients_and_its_late_sum_is_ignored(tmp_path, monkeypatch):
     round_timeout = round_timeout_from_a_healthy_run(tmp_path, monkeypatch)
-    # Frozen past the server's deadline too: by then the combiner has answered without it.
     freeze(monkeypatch, 4, 2 * round_timeout)
     data_path, run_dir, errors = two_host_run(tmp_path / "frozen", monkeypatch, trainer_factory=FreezingTrainer,
                                               extra=["--round_timeout", str(round_timeout)])
     assert not errors
     records = records_of(run_dir)
     hit = records[1]
+    # the combiner answered without it at its deadline; the server gave up on it at its own
     assert hit["missing_sums"]["4"].startswith("its partial sum did not arrive within")
-    assert set(hit["failures"]) == {str(c) for c in ASSIGNED[4]}
-    assert all(reason.startswith("its worker process 4's partial sum did not reach worker 3, which combines host b's")
-               for reason in hit["failures"].values())
-    assert "4" in hit["lost_workers"]  # it missed the server's deadline as well
+    assert hit["lost_workers"] == {"4": f"no reply within --round_timeout={round_timeout} s"}
+    assert hit["failures"] == {str(c): f"its worker process 4 failed: no reply within --round_timeout={round_timeout} s"
+                               for c in ASSIGNED[4]}
     assert all("failures" not in r for r in records[2:])
-    # its late sum was not counted anywhere
+    # the sum it sent the server on waking was not counted
     assert same_model(final_model(run_dir), reference(data_path, left_out={1: ASSIGNED[4]}))
+
+
+def test_a_peer_too_late_for_its_combiner_but_not_for_the_server_sends_its_sum_itself_and_loses_no_client(
+        tmp_path, monkeypatch):
+    round_timeout = round_timeout_from_a_healthy_run(tmp_path, monkeypatch)
+    # Past the combine window (COMBINE_SHARE = 80% of the timeout), well before the server's deadline.
+    freeze(monkeypatch, 4, 0.85 * round_timeout)
+    data_path, run_dir, errors = two_host_run(tmp_path / "late", monkeypatch, trainer_factory=FreezingTrainer,
+                                              extra=["--round_timeout", str(round_timeout)])
+    assert not errors
+    records = records_of(run_dir)
+    hit = records[1]
+    assert hit["combined_sums"] == {"1": [2], "3": [4]}
+    assert hit["missing_sums"]["4"].startswith("its partial sum did not arrive within")
+    assert hit["direct_sums"] == [4]
+    assert all(key not in record for record in records for key in ("failures", "lost_workers"))
+    assert all("direct_sums" not in r for r in records[:1] + records[2:])
+    # every client counted once: the model is the flat mean's
+    assert same_model(final_model(run_dir), reference(data_path))
 
 
 def test_a_frozen_combiner_fails_the_clients_it_carried_at_the_server_s_deadline_and_its_late_sum_is_ignored(

@@ -38,8 +38,10 @@ class FedAvgPoolServerManager(FedAVGServerManager):
     train phase with partial sums, the workers of each host but the server's that has
     two or more of the phase's workers send their sums to the lowest-ranked of them,
     which sends the server one sum for the host. Every worker still answers the server
-    itself (failures, timings, proof of life); a peer's clients count only through its
-    combiner's sum, which may name only the clients assigned to it and to its peers.
+    itself (failures, timings, proof of life); a peer's clients count through its
+    combiner's sum, which may name only the clients assigned to it and to its peers, or,
+    when the peer's sum was ready too late for its combiner, through the sum the peer
+    sends with its own reply (recorded in ``direct_sums``); never through both.
 
     Failures: a client whose code raised (or whose samples could not be counted) is
     left out of later rounds, as in the one-process-per-client mode. A worker that
@@ -47,8 +49,9 @@ class FedAvgPoolServerManager(FedAVGServerManager):
     with it: they are recorded failed for the round only, and are assigned to the
     remaining workers in later rounds; the worker gets no more work unless a late reply
     proves it back. A combiner takes its peers' clients of the phase with it too; a
-    peer whose sum its combiner did not get fails its own clients for the round (the
-    server tells the combiner when it gives up on a peer, so it need not wait for it).
+    peer whose sum reached neither its combiner nor the server fails its own clients for
+    the round (the server tells the combiner when it gives up on a peer, so it need not
+    wait for it).
     With no worker left, the run stops (:class:`FederationError`).
     """
 
@@ -69,6 +72,8 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         self._combine = self._partial_sums and args.combine_per_host == "on"
         self._peers_of: Dict[int, List[int]] = {}  # combiner -> its peers, in the current phase
         self._combiner_of: Dict[int, int] = {}  # peer -> its combiner, in the current phase
+        self._counted: set = set()  # clients counted through a partial sum in the current phase
+        self._not_combined: Dict[int, str] = {}  # peer -> why its combiner left it out, while its own reply may bring its sum
 
     def register_message_receive_handlers(self) -> None:
         self.register_message_receive_handler(MyMessage.MSG_TYPE_C2S_WORKER_READY, self.handle_message_worker_ready)
@@ -127,7 +132,7 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         self._record.setdefault("assignments", {})[phase] = {str(rank): chosen for rank, chosen in self._assigned.items()}
         self._plan_combining(phase)
         self._open_phase(phase, list(self._assigned))
-        self._arrived = set()
+        self._arrived, self._counted, self._not_combined = set(), set(), {}
         combining = self._combining_params()
         instructions = self._instructions(phase, clients)
         messages = []
@@ -219,12 +224,12 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         for client, reason in _by_client(msg.get(MyMessage.MSG_ARG_KEY_REJECTED)).items():
             if client in mine:
                 self._reject_update(client, reason)
-        if sender in self._combiner_of:
-            if msg.tensors:  # it was told to send it to its combiner, which may carry it too
-                logging.warning("server: round %d: ignoring the partial sum worker %d sent directly; worker %d carries "
-                                "its clients", self.round_idx, sender, self._combiner_of[sender])
-        elif self._partial_sums and msg.tensors:
+        if self._partial_sums and msg.tensors:
+            if sender in self._combiner_of:  # a peer whose sum was ready too late for its combiner
+                self._record.setdefault("direct_sums", []).append(sender)
             self._add_partial_sum(sender, msg)
+        elif sender in self._not_combined:
+            self._fail_for_round(self._uncounted(sender), self._not_combined.pop(sender))
         if sender in self._peers_of:
             self._missing_sums(sender, msg)
         self._train_seconds.append(float(msg.get(MyMessage.MSG_ARG_KEY_SECONDS)))
@@ -241,10 +246,11 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         return mine
 
     def _add_partial_sum(self, sender: int, msg: Message) -> None:
-        # Each client is carried by one worker's reply, and each reply is taken once (the
-        # sender leaves _waiting): no client can be counted twice.
+        # Each reply is taken once (the sender leaves _waiting), and a client already
+        # counted (a peer's, sent directly) is not the sender's to carry any more: no
+        # client can be counted twice.
         folded = [int(c) for c in msg.get(MyMessage.MSG_ARG_KEY_CLIENTS)]
-        carried = self._carried(sender)
+        carried = [c for c in self._carried(sender) if c not in self._counted]
         try:
             if not set(folded) <= set(carried):
                 whose = f"workers {[sender, *self._peers_of[sender]]}" if sender in self._peers_of else "it"
@@ -258,11 +264,12 @@ class FedAvgPoolServerManager(FedAVGServerManager):
                 self._reject_update(client, f"in worker {sender}'s partial sum: {error}")
         else:
             self._accepted += len(folded)
+            self._counted.update(folded)
 
     def _missing_sums(self, combiner: int, msg: Message) -> None:
-        """The peers whose sums combiner ``combiner`` says it did not add: their clients
-        (not in its sum) fail for the round, recorded in ``missing_sums`` (peer -> why)."""
-        folded = {int(c) for c in msg.params.get(MyMessage.MSG_ARG_KEY_CLIENTS, ())}
+        """The peers whose sums combiner ``combiner`` says it did not add, recorded in
+        ``missing_sums`` (peer -> why): their clients fail for the round,
+        once the peer's own reply has come without its sum (or never comes)."""
         for peer, reason in _by_client(msg.params.get(MyMessage.MSG_ARG_KEY_MISSING)).items():
             if peer not in self._peers_of[combiner]:
                 continue
@@ -272,7 +279,19 @@ class FedAvgPoolServerManager(FedAVGServerManager):
             else:
                 why = (f"its worker process {peer}'s partial sum did not reach worker {combiner}, which combines "
                        f"host {self.hosts.get(combiner)}'s: {reason}")
-            self._fail_for_round([c for c in self._assigned[peer] if c not in folded], why)
+            self._not_combined_by(peer, why)
+
+    def _not_combined_by(self, peer: int, why: str) -> None:
+        """``peer``'s combiner did not carry its sum: its clients not counted fail for the
+        round, now if its own reply has come, else when that comes without its sum (or never)."""
+        if peer in self._waiting:
+            self._not_combined[peer] = why
+        else:
+            self._fail_for_round(self._uncounted(peer), why)
+
+    def _uncounted(self, worker: int) -> List[int]:
+        """``worker``'s clients in this phase not counted through any partial sum."""
+        return [c for c in self._assigned[worker] if c not in self._counted]
 
     def _fail_for_round(self, clients: List[int], reason: str) -> None:
         """Record ``clients`` failed in this round only (their worker's fault, not theirs)."""
@@ -319,13 +338,16 @@ class FedAvgPoolServerManager(FedAVGServerManager):
             return
         self._waiting.discard(rank)
         if rank in self._combiner_of:  # its clients' fate is its combiner's: tell it not to wait for this one
+            if rank in self._not_combined:  # the combiner answered without its sum already
+                del self._not_combined[rank]
+                self._fail_for_round(self._uncounted(rank), f"its worker process {rank} failed: {reason}")
             self._tell_combiner(rank, reason)
             return
         self._fail_for_round([c for c in self._assigned.get(rank, ()) if c not in self._arrived],
                              f"its worker process {rank} failed: {reason}")
         for peer in self._peers_of.get(rank, ()):
-            self._fail_for_round(self._assigned[peer], f"worker {rank}, which was to combine the partial sum of its "
-                                                       f"worker process {peer}, failed: {reason}")
+            self._not_combined_by(peer, f"worker {rank}, which was to combine the partial sum of its worker process "
+                                        f"{peer}, failed: {reason}")
 
     def _tell_combiner(self, peer: int, reason: str) -> None:
         """Tell ``peer``'s combiner, if it has not answered yet, that its sum is not coming."""

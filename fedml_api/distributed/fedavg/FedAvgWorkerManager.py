@@ -21,7 +21,7 @@ from .algorithm_messages import received_tensors, tensors_message
 from .client_assignment import client_share
 from .FedAVGTrainer import FedAVGTrainer, UserCodeError
 from .FedAvgClientManager import ServerWorkManager
-from .host_combining import COMBINE_SHARE, HostCombination, host_name
+from .host_combining import COMBINE_SHARE, HostCombination, host_name, too_late_to_combine
 from .message_define import MyMessage
 
 
@@ -188,7 +188,8 @@ class FedAvgWorkerManager(ServerWorkManager):
                              early: List[Message]) -> None:
         """Send this round's partial sum as the train message says: to the host's
         combiner (then ``reply`` without it), or with ``reply`` once the peers' sums this
-        worker combines are in it (none: at once).
+        worker combines are in it (none: at once). A peer whose sum is ready too late in
+        the combine window (:func:`.too_late_to_combine`) sends it with ``reply``, to the server.
 
         Args:
             msg: the train message (``combine_to``, ``combine_from``, ``combine_seconds``).
@@ -199,14 +200,18 @@ class FedAvgWorkerManager(ServerWorkManager):
         """
         self._combine_seconds = msg.params.get(MyMessage.MSG_ARG_KEY_COMBINE_SECONDS)
         deadline = None if self._combine_seconds is None else received + float(self._combine_seconds)
+        round_idx = reply.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
         combiner = msg.params.get(MyMessage.MSG_ARG_KEY_COMBINE_TO)
-        if combiner is not None:
-            self._send_to_combiner(int(combiner), reply.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX), partial, deadline)
+        if combiner is not None and not too_late_to_combine(received, self._combine_seconds, time.monotonic()):
+            self._send_to_combiner(int(combiner), round_idx, partial, deadline)
             self.send_message(reply)
             return
+        if combiner is not None:
+            logging.warning("worker %d: round %d: the partial sum is ready late in the %.3g s combine window; "
+                            "sending it to the server, not to worker %s", self.rank, round_idx, self._combine_seconds, combiner)
         peers = {int(rank): [int(c) for c in clients]
                  for rank, clients in (msg.params.get(MyMessage.MSG_ARG_KEY_COMBINE_FROM) or {}).items()}
-        self._combination = HostCombination(reply.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX), partial, peers, deadline)
+        self._combination = HostCombination(round_idx, partial, peers, deadline)
         self._combined_reply = reply
         for sum_msg in early:
             self._offer(sum_msg)

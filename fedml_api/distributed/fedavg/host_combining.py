@@ -17,9 +17,12 @@ Failures (the server's side is in :class:`~.FedAvgPoolServerManager.FedAvgPoolSe
 a combiner waits for each peer's sum until it arrives, the peer is known dead (from the
 transport or from the server's ``S2C_PEER_LOST``), or the combine deadline passes
 (:data:`COMBINE_SHARE` of the phase's timeout, which leaves the rest for the one send to
-the server); it then sends what it has and names the peers whose sums are missing, whose
-clients fail for the round. A sum that arrives after that, twice, or from a rank that
-is not an awaited peer is ignored.
+the server); it then sends what it has and names the peers whose sums are missing. A sum
+that arrives after that, twice, or from a rank that is not an awaited peer is ignored.
+A peer whose sum is ready late in the combine window (:func:`too_late_to_combine`) sends
+it to the server itself, so that being combined costs no client that would have made
+the server's deadline sending directly. The clients of a missing peer fail for the round
+only when its sum reached the server by neither way.
 """
 from __future__ import annotations
 
@@ -38,6 +41,11 @@ FAKE_HOSTS_ENV = "FEDML_FAKE_HOSTS"
 #: send to the server, which must arrive before the server's own deadline.
 COMBINE_SHARE = 0.8
 
+#: The last share of the combine window in which a peer sends its sum to the server
+#: instead of its combiner: each counts the window from when its own train message
+#: arrived, so the combiner may stop waiting a little before the peer's window ends.
+DIRECT_SHARE = 0.1
+
 
 def host_name(rank: int) -> str:
     """The host process ``rank`` runs on: ``socket.gethostname()`` (what Open MPI's
@@ -50,6 +58,13 @@ def host_name(rank: int) -> str:
     if rank >= len(names) or not names[rank].strip():
         raise ValueError(f"${FAKE_HOSTS_ENV}={fake!r} names no host for rank {rank} (one name per rank, from 0)")
     return names[rank].strip()
+
+
+def too_late_to_combine(received: float, combine_seconds: Optional[float], now: float) -> bool:
+    """Whether a peer whose sum is ready at ``now`` sends it to the server itself: its
+    combine window (``combine_seconds`` from ``received``, its train message's arrival,
+    all ``time.monotonic()``) is in its last :data:`DIRECT_SHARE`. Never without a window."""
+    return combine_seconds is not None and now >= received + (1.0 - DIRECT_SHARE) * combine_seconds
 
 
 def combining_plan(workers: Iterable[int], hosts: Mapping[int, str], server_host: str) -> Dict[int, List[int]]:
