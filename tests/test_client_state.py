@@ -97,9 +97,20 @@ def test_a_resumed_run_works_on_links_of_its_own_and_leaves_the_checkpoint_s_fil
         assert original.get(1)["w"][0] == 1
 
 
-def test_a_store_without_a_directory_reads_a_checkpoint_s_files_into_memory(tmp_path):
+def test_a_store_without_a_directory_reads_a_checkpoint_s_files_where_they_are_one_when_asked(tmp_path, monkeypatch):
     original = ClientStateStore(str(tmp_path / "run"))
-    original.put(4, 2, state(7))
-    restored = ClientStateStore(None)
-    restored.restore(original.snapshot())
-    assert restored.get(4)["w"][0] == 7 and restored.snapshot()["tensors"]["4"]["w"][0] == 7
+    for client in range(1, 101):
+        original.put(client, 2, state(client))
+    snapshot = original.snapshot()
+    loads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or load(*a, **k))
+    restored = ClientStateStore(None)  # e.g. the launcher's pre-flight check of a --resume
+    restored.restore(snapshot)
+    assert loads == []  # a thousand clients' states are not read into memory to check a checkpoint
+    assert restored.get(4)["w"][0] == 4 and len(loads) == 1
+    restored.put(4, 3, state(70))
+    assert restored.get(4)["w"][0] == 70 and restored.snapshot()["tensors"]["4"]["w"][0] == 70
+    assert restored.snapshot()["tensors"]["5"]["w"][0] == 5
+    assert files(tmp_path / "run") == sorted(f"{c}-2.pt" for c in range(1, 101))  # nothing written there
+    assert original.get(4)["w"][0] == 4

@@ -412,3 +412,21 @@ def test_the_preflight_refuses_a_checkpoint_of_another_algorithm(tmp_path, capsy
         run_preflight(args, TinyTrainer(make_model()))
     assert exit_.value.code == 2
     assert "FedAvg keeps no state, but the checkpoint holds" in capsys.readouterr().err
+
+
+def test_the_preflight_of_a_resume_reads_one_client_state_and_writes_nothing(tmp_path, monkeypatch):
+    from fedml_api.distributed.fedavg.preflight import run_preflight
+    from test_fedavg_protocol import federation_args
+
+    data_path, run_dir, errors = run_federation(tmp_path, clients=3, per_round=3, rounds=1, extra=["--federated_optimizer", "SCAFFOLD"],
+                                                lr=0.1)
+    assert not errors
+    loaded = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *a, **k: loaded.append(str(path)) or load(path, *a, **k))
+    args = federation_args(3, 3, 3, data_path, tmp_path / "again", "--resume", str(run_dir), "--federated_optimizer", "SCAFFOLD")
+    with pytest.raises(SystemExit) as exit_:
+        run_preflight(args, TinyTrainer(make_model()))
+    assert exit_.value.code == 0
+    assert not (tmp_path / "again").exists()
+    assert len([path for path in loaded if "client_state" in path]) == 1  # of 3: the layout is checked on one

@@ -41,6 +41,7 @@ class ClientStateStore:
         self._versions: Dict[int, int] = {}  # client -> its latest version
         self._snapshots: List[Dict[int, int]] = [{}, {}]  # the last two snapshots' versions (newest last)
         self._in_memory: Dict[int, Dict[str, torch.Tensor]] = {}
+        self._read_from: Optional[str] = None  # without a directory: the restored run's, read (never written) on demand
         self._unsynced: Set[str] = set()  # files written since the last snapshot
 
     def __len__(self) -> int:
@@ -57,12 +58,13 @@ class ClientStateStore:
 
     def get(self, client: int) -> Optional[Dict[str, torch.Tensor]]:
         """The latest state of ``client`` (name -> CPU tensor), or None if it has none."""
-        if self.directory is None:
-            return self._in_memory.get(client)
+        if client in self._in_memory:
+            return self._in_memory[client]
         version = self._versions.get(client)
         if version is None:
             return None
-        return torch.load(self._path(client, version), map_location="cpu", weights_only=True)
+        # On disk: this store's own files or, for a store without a directory, the restored run's.
+        return torch.load(self._path(client, version, self._read_from), map_location="cpu", weights_only=True)
 
     def put(self, client: int, version: int, tensors: Mapping[str, torch.Tensor]) -> None:
         """Store ``tensors`` as ``client``'s state of ``version`` (the round writing it;
@@ -86,7 +88,7 @@ class ClientStateStore:
         """The state to save with a checkpoint: the files written so far are made
         durable, and the ones it names are kept until two later snapshots replace it."""
         if self.directory is None:
-            return {"directory": None, "tensors": {str(c): dict(t) for c, t in self._in_memory.items()}}
+            return {"directory": None, "tensors": {str(c): dict(self.get(c)) for c in self._versions}}
         for path in self._unsynced:
             with open(path, "rb") as written:
                 os.fsync(written.fileno())
@@ -112,7 +114,8 @@ class ClientStateStore:
         The snapshot's files are linked (or, across file systems, copied) into this
         store's directory, and only those copies are ever replaced or removed: the
         checkpoint's run keeps its own, so each of its checkpoints can be resumed again.
-        A store without a directory reads them into memory."""
+        A store without a directory reads them where they are, one at a time when asked
+        (:meth:`get`), and keeps what is :meth:`put` later in memory."""
         if "directory" not in snapshot:
             for client, tensors in snapshot.items():
                 self.put(int(client), -1, tensors)
@@ -128,9 +131,8 @@ class ClientStateStore:
             raise ValueError(f"the client states of clients {missing[:5]} are missing from {source} "
                              f"(expected files such as {self._path(missing[0], versions[missing[0]], source)})")
         if self.directory is None:
-            self._in_memory = {c: torch.load(self._path(c, v, source), map_location="cpu", weights_only=True)
-                               for c, v in versions.items()}
-        elif os.path.abspath(source) != self.directory:
+            self._read_from = source
+        elif os.path.realpath(source) != os.path.realpath(self.directory):
             for client, version in versions.items():
                 self._adopt(self._path(client, version, source), self._path(client, version))
         self._versions = versions

@@ -49,7 +49,9 @@ def run_preflight(args: Namespace, model_trainer: ModelTrainer) -> NoReturn:
         # --personal_layers must name some of its layers, not all) and, on --resume, the
         # model and the algorithm's state (e.g. a SCAFFOLD checkpoint resumed with
         # another --federated_optimizer).
-        aggregator = FedAVGAggregator(model_trainer, None, args, make_strategy(args))
+        # Without a run directory: the check writes nothing (a resumed run's client states
+        # are read where they are, only one of them).
+        aggregator = FedAVGAggregator(model_trainer, None, Namespace(**{**vars(args), "run_dir": None}), make_strategy(args))
         if args.resume:  # a damaged checkpoint.pt with an intact spare resumes from the spare (with a warning)
             checkpoint, resume_path = resolve_resume(args.resume)
             aggregator.resume(checkpoint, resume_path)
