@@ -6,7 +6,7 @@ import netrc
 import os
 import threading
 from argparse import Namespace
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 
 def wandb_logged_in() -> bool:
@@ -26,23 +26,37 @@ def init_wandb(args: Namespace, project: str, name: Optional[str] = None) -> Opt
     to ``wandb sync`` later). wandb never prompts: ``WANDB_SILENT`` and a non-interactive
     mode are forced. An online run that cannot reach the server falls back to offline.
     """
+    start = _prepare_wandb(args, project, name)
+    return None if start is None else start()
+
+
+def _prepare_wandb(args: Namespace, project: str, name: Optional[str]) -> Optional[Callable[[], Any]]:
+    """What :func:`init_wandb` decides at once (the mode, ``WANDB_SILENT``, the config),
+    and the start that follows, to call later or on another thread (None: disabled).
+    Done on the caller's thread: setting the environment, or reading ``args`` while
+    the caller adds to it, is not safe beside another thread."""
     mode = args.wandb_mode
     if mode == "disabled":
         return None
     if mode == "auto":
         mode = "online" if wandb_logged_in() else "offline"
     os.environ.setdefault("WANDB_SILENT", "true")
-    import wandb
-
-    settings = wandb.Settings(init_timeout=60, console="off")
     config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
-    try:
-        return wandb.init(project=project, name=name, dir=args.run_dir, config=config, mode=mode, settings=settings)
-    except Exception as error:  # wandb raises several types for network/auth trouble
-        if mode != "online":
-            raise
-        logging.warning("wandb online init failed (%s); logging offline instead", error)
-        return wandb.init(project=project, name=name, dir=args.run_dir, config=config, mode="offline", settings=settings)
+    run_dir = args.run_dir
+
+    def start() -> Any:
+        import wandb
+
+        settings = wandb.Settings(init_timeout=60, console="off")
+        try:
+            return wandb.init(project=project, name=name, dir=run_dir, config=config, mode=mode, settings=settings)
+        except Exception as error:  # wandb raises several types for network/auth trouble
+            if mode != "online":
+                raise
+            logging.warning("wandb online init failed (%s); logging offline instead", error)
+            return wandb.init(project=project, name=name, dir=run_dir, config=config, mode="offline", settings=settings)
+
+    return start
 
 
 _started: Dict[str, Any] = {}  # the background start: its "thread", then its "run" or "error"
@@ -57,13 +71,17 @@ def start_wandb(args: Namespace, project: str, name: Optional[str] = None) -> No
     0. :func:`wait_for_wandb` joins it: the run's first record waits for it, so every
     round reaches wandb.
     """
+    _started.clear()
+    start_run = _prepare_wandb(args, project, name)
+    if start_run is None:
+        return
+
     def start() -> None:
         try:
-            _started["run"] = init_wandb(args, project, name)
+            _started["run"] = start_run()
         except Exception as error:  # noqa: BLE001 - any failure of wandb's leaves the run to go on
             _started["error"] = error
 
-    _started.clear()
     _started["thread"] = threading.Thread(target=start, name="wandb-start")
     _started["thread"].start()
 
