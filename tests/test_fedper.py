@@ -188,7 +188,7 @@ def test_fedper_runs_a_trainer_that_returns_a_list_as_it_runs_the_same_model_by_
         assert not errors
         runs[name] = run_dir
     named, listed = (list(torch.load(runs[n] / "final_model.pt").values()) for n in ("dict", "list"))
-    assert all(torch.equal(a, b) for a, b in zip(named, listed))
+    assert len(named) == len(listed) and all(torch.equal(a, b) for a, b in zip(named, listed))
     by_position = {str(i): key for i, key in enumerate(make_model().state_dict())}
     named_layers, listed_layers = stored_personal_layers(runs["dict"]), stored_personal_layers(runs["list"])
     assert sorted(named_layers) == sorted(listed_layers) and named_layers

@@ -165,7 +165,9 @@ strategy.setup(x, ["w"], FederationInfo(1, 1))
 strategy.configure_round(0, [1], x)
 strategy.add(ClientUpdate(1, PackedTensors.from_tensors({"w": torch.ones(3)}), 1))
 import fedml_core
-print(json.dumps({"imported_from": fedml_core.__file__, "w": strategy.aggregate(x, 0).tensors()["w"].tolist()}))
+from fedml_core.aggregation import fedopt_kernel
+print(json.dumps({"imported_from": fedml_core.__file__, "cache": type(fedopt_kernel._fedopt_loop._cache).__name__,
+                  "w": strategy.aggregate(x, 0).tensors()["w"].tolist()}))
 """
 
 
@@ -178,15 +180,25 @@ def test_fedadam_runs_from_a_read_only_install_without_a_writable_home(tmp_path)
     script = (f"mount --bind {install} {install} && mount -o remount,bind,ro {install} && "
               f"{sys.executable} -c '{READ_ONLY_FEDADAM}'")
     env = {**os.environ, "HOME": "/proc/no-home", "PYTHONPATH": str(install), "PYTHONDONTWRITEBYTECODE": "1"}
-    env.pop("NUMBA_CACHE_DIR", None)
+    for name in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME"):
+        env.pop(name, None)
     result = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=300,
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout)
     assert out["imported_from"].startswith(str(install))
+    assert out["cache"] == "NullCache"  # the fallback: compiled without a disk cache
     # delta = 1: m = (1 - beta1) * delta, v = beta2 * tau^2 + (1 - beta2) * delta^2
     step = 0.5 * 0.1 / (math.sqrt(0.99 * 1e-6 + 0.01) + 1e-3)
     assert out["w"] == pytest.approx([step] * 3, rel=1e-5)
+
+
+def test_a_fedopt_subclass_with_a_rule_the_compiled_step_does_not_know_is_refused_at_setup():
+    class FedUnknown(FedAdam):
+        rule = 7
+
+    with pytest.raises(ValueError, match="FedUnknown.rule must be ADAGRAD, ADAM or YOGI"):
+        ready(FedUnknown(), global_model())
 
 
 def test_a_restored_fedadam_continues_bit_exactly():

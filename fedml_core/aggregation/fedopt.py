@@ -52,6 +52,8 @@ class FedOpt(ServerOptimizer):
         return self.tau ** 2 if name == "v" else 0.0
 
     def setup(self, global_model: PackedTensors, trainable: Sequence[str], federation: FederationInfo) -> None:
+        if self.rule not in (ADAGRAD, ADAM, YOGI):  # the compiled loop would take any other value for YOGI
+            raise ValueError(f"{type(self).__name__}.rule must be ADAGRAD, ADAM or YOGI ({ADAGRAD}, {ADAM}, {YOGI}), got {self.rule!r}")
         super().setup(global_model, trainable, federation)
         from .fedopt_kernel import fedopt_step  # imports numba: only in the runs that use it
         self._step = fedopt_step
