@@ -225,9 +225,8 @@ class FedAvgPoolServerManager(FedAVGServerManager):
             if client in mine:
                 self._reject_update(client, reason)
         if self._partial_sums and msg.tensors:
-            if sender in self._combiner_of:  # a peer whose sum was ready too late for its combiner
+            if self._add_partial_sum(sender, msg) and sender in self._combiner_of:  # a peer its combiner could not take
                 self._record.setdefault("direct_sums", []).append(sender)
-            self._add_partial_sum(sender, msg)
         elif sender in self._not_combined:
             self._fail_for_round(self._uncounted(sender), self._not_combined.pop(sender))
         if sender in self._peers_of:
@@ -245,7 +244,8 @@ class FedAvgPoolServerManager(FedAVGServerManager):
                 self._client_failed(client, reason)
         return mine
 
-    def _add_partial_sum(self, sender: int, msg: Message) -> None:
+    def _add_partial_sum(self, sender: int, msg: Message) -> bool:
+        """Count ``sender``'s partial sum; returns whether it was (else its clients are rejected)."""
         # Each reply is taken once (the sender leaves _waiting), and a client already
         # counted (a peer's, sent directly) is not the sender's to carry any more: no
         # client can be counted twice.
@@ -262,9 +262,10 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         except ValueError as error:
             for client in sorted(set(folded) & set(carried)):  # another worker's clients are that worker's to count
                 self._reject_update(client, f"in worker {sender}'s partial sum: {error}")
-        else:
-            self._accepted += len(folded)
-            self._counted.update(folded)
+            return False
+        self._accepted += len(folded)
+        self._counted.update(folded)
+        return True
 
     def _missing_sums(self, combiner: int, msg: Message) -> None:
         """The peers whose sums combiner ``combiner`` says it did not add, recorded in
@@ -295,6 +296,8 @@ class FedAvgPoolServerManager(FedAVGServerManager):
 
     def _fail_for_round(self, clients: List[int], reason: str) -> None:
         """Record ``clients`` failed in this round only (their worker's fault, not theirs)."""
+        if not clients:
+            return
         failures = self._record.setdefault("failures", {})
         for client in clients:
             failures.setdefault(str(client), reason)

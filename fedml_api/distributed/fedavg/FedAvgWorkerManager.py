@@ -188,8 +188,10 @@ class FedAvgWorkerManager(ServerWorkManager):
                              early: List[Message]) -> None:
         """Send this round's partial sum as the train message says: to the host's
         combiner (then ``reply`` without it), or with ``reply`` once the peers' sums this
-        worker combines are in it (none: at once). A peer whose sum is ready too late in
-        the combine window (:func:`.too_late_to_combine`) sends it with ``reply``, to the server.
+        worker combines are in it (none: at once). A peer sends its sum with ``reply``, to
+        the server, when its combiner cannot take it: the sum is ready too late in the
+        combine window (:func:`.too_late_to_combine`), or the combiner is dead or cannot
+        be sent to within the window.
 
         Args:
             msg: the train message (``combine_to``, ``combine_from``, ``combine_seconds``).
@@ -202,13 +204,19 @@ class FedAvgWorkerManager(ServerWorkManager):
         deadline = None if self._combine_seconds is None else received + float(self._combine_seconds)
         round_idx = reply.get(MyMessage.MSG_ARG_KEY_ROUND_INDEX)
         combiner = msg.params.get(MyMessage.MSG_ARG_KEY_COMBINE_TO)
-        if combiner is not None and not too_late_to_combine(received, self._combine_seconds, time.monotonic()):
-            self._send_to_combiner(int(combiner), round_idx, partial, deadline)
-            self.send_message(reply)
-            return
         if combiner is not None:
-            logging.warning("worker %d: round %d: the partial sum is ready late in the %.3g s combine window; "
-                            "sending it to the server, not to worker %s", self.rank, round_idx, self._combine_seconds, combiner)
+            combiner = int(combiner)
+            if combiner in self._dead:
+                undelivered = "it died"
+            elif too_late_to_combine(received, self._combine_seconds, time.monotonic()):
+                undelivered = f"the sum is ready late in the {self._combine_seconds:.3g} s combine window"
+            else:
+                undelivered = self._send_to_combiner(combiner, round_idx, partial, deadline)
+            if undelivered is None:
+                self.send_message(reply)
+                return
+            logging.warning("worker %d: round %d: sending the partial sum to the server, not to worker %d, which "
+                            "combines this host's: %s", self.rank, round_idx, combiner, undelivered)
         peers = {int(rank): [int(c) for c in clients]
                  for rank, clients in (msg.params.get(MyMessage.MSG_ARG_KEY_COMBINE_FROM) or {}).items()}
         self._combination = HostCombination(round_idx, partial, peers, deadline)
@@ -219,10 +227,10 @@ class FedAvgWorkerManager(ServerWorkManager):
             self._combination.lose(rank, "its process died")
         self._send_combined_if_complete()
 
-    def _send_to_combiner(self, combiner: int, round_idx: int, partial: PartialSum, deadline: Optional[float]) -> None:
+    def _send_to_combiner(self, combiner: int, round_idx: int, partial: PartialSum, deadline: Optional[float]) -> Optional[str]:
         """Send this worker's partial sum (with the clients it folded, maybe none) to
         ``combiner``, waiting no longer than the combiner does: a frozen combiner must
-        not hold up this worker's reply (its failure fails our clients anyway)."""
+        not hold up this worker's reply. Returns None, or why the sum did not go."""
         message = Message(MyMessage.MSG_TYPE_W2W_PARTIAL_SUM, self.rank, combiner,
                           tensors=partial.tensors() if partial.clients else None)
         message.add_params(MyMessage.MSG_ARG_KEY_ROUND_INDEX, round_idx)
@@ -230,8 +238,8 @@ class FedAvgWorkerManager(ServerWorkManager):
         try:
             self.transport.send(message, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         except (TransportTimeout, PeerFailure) as error:
-            logging.warning("worker %d: round %d: could not send the partial sum to worker %d, which combines this "
-                            "host's: %s", self.rank, round_idx, combiner, error)
+            return f"could not send it there: {error}"
+        return None
 
     def handle_message_partial_sum(self, msg: Message) -> None:
         """A peer's partial sum, for the combination of its round."""

@@ -19,9 +19,11 @@ transport or from the server's ``S2C_PEER_LOST``), or the combine deadline passe
 (:data:`COMBINE_SHARE` of the phase's timeout, which leaves the rest for the one send to
 the server); it then sends what it has and names the peers whose sums are missing. A sum
 that arrives after that, twice, or from a rank that is not an awaited peer is ignored.
-A peer whose sum is ready late in the combine window (:func:`too_late_to_combine`) sends
-it to the server itself, so that being combined costs no client that would have made
-the server's deadline sending directly. The clients of a missing peer fail for the round
+A peer sends its sum to the server itself when its combiner cannot take it: ready late in
+the combine window (:func:`too_late_to_combine`), or the combiner dead or not reachable
+within the window; so being combined costs no client that would have made the server's
+deadline sending directly (unless the peer's train message came over :data:`DIRECT_SHARE`
+of the window after its combiner's). The clients of a missing peer fail for the round
 only when its sum reached the server by neither way.
 """
 from __future__ import annotations
