@@ -23,7 +23,7 @@ PROGRAM = textwrap.dedent("""
 
 
 def faults(mode: str, **env: str) -> tuple:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     environment.update({"PYTHONPATH": ROOT, "THP_MEM_ALLOC_ENABLE": "1", **env})  # THP: as the launcher runs ranks
     out = subprocess.run([sys.executable, "-c", PROGRAM, mode], env=environment, capture_output=True, text=True, check=True)
     applied, count = out.stdout.split()
@@ -41,5 +41,12 @@ def test_a_freed_batch_buffer_is_reused_without_new_page_faults():
 
 
 def test_the_user_s_own_malloc_settings_are_left_alone():
-    applied, _ = faults("tuned", MALLOC_TRIM_THRESHOLD_="0")
-    assert applied == "False"
+    # glibc's default mmap threshold, set by the user: the 4 MiB blocks stay mapped afresh
+    applied, tuned = faults("tuned", MALLOC_MMAP_THRESHOLD_="131072")
+    _, plain = faults("plain", MALLOC_MMAP_THRESHOLD_="131072")
+    assert applied == "True"  # the trim threshold, which the user did not set
+    assert tuned > plain / 2, f"{tuned} page faults: the user's mmap threshold was overridden (untuned: {plain})"
+    for user_settings in ({"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"},
+                          {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072:glibc.malloc.trim_threshold=0"}):
+        applied, _ = faults("tuned", **user_settings)
+        assert applied == "False", user_settings

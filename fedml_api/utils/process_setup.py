@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import random
@@ -25,6 +24,12 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_BYTES = 32 << 20
 #: Free memory at the top of the heap up to this size stays mapped for reuse.
 TRIM_THRESHOLD_BYTES = 256 << 20
+#: Each setting: (mallopt parameter, value, the environment variable and the
+#: GLIBC_TUNABLES name by which a user sets it instead).
+_MALLOC_SETTINGS = (
+    (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES, "MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
+    (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES, "MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"),
+)
 
 
 def keep_freed_memory_for_reuse() -> bool:
@@ -36,16 +41,19 @@ def keep_freed_memory_for_reuse() -> bool:
     clients of the template CNN under mpirun the kernel's share was about 40% of the
     process's CPU and a round took twice the same training in a plain process, which
     gains from the setting too, less (docs/BENCHMARKS.md).
-    A variable the user set (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``)
-    is left as set. Returns whether the settings were applied (False where the C
-    library is not glibc).
+    A threshold the user set (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or
+    its ``GLIBC_TUNABLES`` name) is left as set. Returns whether a setting was applied
+    (False where the C library is not glibc).
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc = ctypes.CDLL(None)  # this process's own symbols, the C library's among them
     if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):  # not glibc
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    applied = False
+    for parameter, value, variable, tunable in _MALLOC_SETTINGS:
+        if variable not in os.environ and tunable not in tunables:
+            applied = bool(libc.mallopt(parameter, value)) or applied
+    return applied
 
 
 def init_training_device(process_id: int, comm) -> torch.device:
