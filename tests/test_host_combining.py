@@ -309,7 +309,9 @@ def test_a_peer_too_late_for_its_combiner_but_not_for_the_server_sends_its_sum_i
     records = records_of(run_dir)
     hit = records[1]
     assert hit["combined_sums"] == {"1": [2], "3": [4]}
-    assert hit["missing_sums"]["4"].startswith("its partial sum did not arrive within")
+    # the combiner stopped waiting at its deadline, or sooner, told that the sum went to the server
+    why = hit["missing_sums"]["4"]
+    assert why.startswith("its partial sum did not arrive within") or why == "it sent its partial sum to the server", why
     assert hit["direct_sums"] == [4]
     assert all(key not in record for record in records for key in ("failures", "lost_workers"))
     assert all("direct_sums" not in r for r in records[:1] + records[2:])

@@ -227,6 +227,7 @@ class FedAvgPoolServerManager(FedAVGServerManager):
         if self._partial_sums and msg.tensors:
             if self._add_partial_sum(sender, msg) and sender in self._combiner_of:  # a peer its combiner could not take
                 self._record.setdefault("direct_sums", []).append(sender)
+                self._tell_combiner(sender, "it sent its partial sum to the server")  # not to wait for it any longer
         elif sender in self._not_combined:
             self._fail_for_round(self._uncounted(sender), self._not_combined.pop(sender))
         if sender in self._peers_of:
@@ -353,7 +354,7 @@ class FedAvgPoolServerManager(FedAVGServerManager):
                                         f"{peer}, failed: {reason}")
 
     def _tell_combiner(self, peer: int, reason: str) -> None:
-        """Tell ``peer``'s combiner, if it has not answered yet, that its sum is not coming."""
+        """Tell ``peer``'s combiner, if it has not answered yet, that its sum is not coming to it."""
         combiner = self._combiner_of[peer]
         if combiner not in self._waiting:
             return
