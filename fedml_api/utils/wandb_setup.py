@@ -82,7 +82,9 @@ def start_wandb(args: Namespace, project: str, name: Optional[str] = None) -> No
         except Exception as error:  # noqa: BLE001 - any failure of wandb's leaves the run to go on
             _started["error"] = error
 
-    _started["thread"] = threading.Thread(target=start, name="wandb-start")
+    # A daemon: a run that ends before its first record (an error) must not wait at exit
+    # for a start still trying to reach wandb's server (up to its 60 s init_timeout).
+    _started["thread"] = threading.Thread(target=start, name="wandb-start", daemon=True)
     _started["thread"].start()
 
 
