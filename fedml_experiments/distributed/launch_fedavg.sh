@@ -205,7 +205,6 @@ stop_job() { if [ -n "$MPIRUN_PID" ]; then kill -s "$1" -- "-$MPIRUN_PID" 2>/dev
 # poll): counting polls would stretch it on a loaded machine, where each sleep runs long.
 now_cs() { read -r UPTIME _ < /proc/uptime; NOW=$(( ${UPTIME%.*} * 100 + 1${UPTIME#*.} - 100 )); }
 WAIT_FROM=  # uptime (1/100 s) when the server reported, died without reporting, or we were interrupted
-WAITED=0    # 1/100 s since WAIT_FROM
 STOPPED=no
 SERVER_DIED=no
 INTERRUPTED=  # the exit status after a signal to this launcher (128 + its number)
@@ -233,7 +232,7 @@ while kill -0 "$MPIRUN_PID" 2>/dev/null; do
     if [ -f "$STATUS_FILE" ] || [ "$SERVER_DIED" = yes ] || [ -n "$INTERRUPTED" ]; then
         now_cs
         WAIT_FROM=${WAIT_FROM:-$NOW}
-        WAITED=$((NOW - WAIT_FROM))
+        WAITED=$((NOW - WAIT_FROM))  # 1/100 s
         if [ "$STOPPED" = no ] && [ "$WAITED" -ge $((GRACE * 100)) ]; then
             if [ "$SERVER_DIED" = yes ]; then
                 echo "launcher: the server (process 0) died without reporting an exit status; stopping the job" >&2
