@@ -5,12 +5,14 @@ import json
 import os
 import re
 import threading
+import time
 
 import pytest
 import torch
 
 import fedml_api.utils.run_recorder as run_recorder
 from conftest import fill_filesystem
+from fedml_api.distributed.fedavg.checkpoint import load_checkpoint
 from fedml_api.utils.durable_file import FileWriteError
 from fedml_api.utils.run_recorder import RunRecorder
 from test_fedavg_protocol import run_federation
@@ -66,15 +68,15 @@ def test_final_files_that_do_not_fit_raise_an_error_naming_them(small_tmpfs, mon
 
 def test_a_full_disk_during_a_round_stops_the_server_cleanly_and_releases_every_client(small_tmpfs, capfd):
     root = small_tmpfs("3m")
-    filled = threading.Event()
+    filling = threading.Lock()  # taken by the first client to train, never released
 
     class DiskFillingTrainer(TinyTrainer):
         """The first local training fills the run's filesystem (as another program would)."""
 
         def train(self, device, args, train_path):
-            if not filled.is_set():
-                filled.set()
+            if filling.acquire(blocking=False):  # once: a second filler would truncate the first
                 fill_filesystem(root)
+                import sys; print("FILLED", os.statvfs(root).f_bavail, sorted(str(p) for p in root.rglob("*")), file=sys.__stderr__)
             super().train(device, args, train_path)
 
     # No checkpoint before the last round: round 0's record is the first write that needs space.
@@ -104,3 +106,64 @@ def test_a_last_checkpoint_that_cannot_be_written_stops_the_server_cleanly_after
     assert (run_dir / "server.log").read_text().splitlines()[-1].endswith(f"ERROR {errors[0].code}")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["status"], "FedAvg stopped: " + summary["stopped"]) == ("stopped", errors[0].code)
+
+
+SCAFFOLD = ["--federated_optimizer", "SCAFFOLD"]
+
+
+def test_a_client_state_that_does_not_fit_stops_the_server_naming_the_file_and_the_run_resumes_bit_exactly(small_tmpfs, tmp_path, capfd):
+    _, full_dir, errors = run_federation(tmp_path / "full", clients=2, per_round=2, rounds=3, extra=SCAFFOLD, lr=0.1)
+    assert not errors
+    root = small_tmpfs("3m")
+    run_dir = root / "run"
+    filling = threading.Lock()  # taken by the first client to start round 1, never released
+
+    class DiskFillingTrainer(TinyTrainer):
+        """Round 1's first local training fills the run's filesystem, once round 0's
+        checkpoint is on it: SCAFFOLD's control variate of round 1 is the first write
+        that needs space."""
+
+        trained = 0
+
+        def train(self, device, args, train_path):
+            self.trained += 1
+            if self.trained == 2 and filling.acquire(blocking=False):
+                deadline = time.monotonic() + 600
+                while not (run_dir / "checkpoint.pt").exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                fill_filesystem(root)
+            super().train(device, args, train_path)
+
+    _, _, errors = run_federation(root, clients=2, per_round=2, rounds=3, extra=SCAFFOLD, trainer_factory=DiskFillingTrainer, lr=0.1)
+    assert list(errors) == [0], errors  # the clients were released and ended normally
+    state = run_dir / "client_state" / "scaffold" / "0"
+    assert re.fullmatch(rf"FedAvg stopped: could not write {re.escape(str(state))}/[12]-1\.pt: ENOSPC \(No space left on device\)",
+                        str(errors[0].code))
+    assert "Traceback" not in capfd.readouterr().err
+    assert not list(state.glob("*.partial"))  # a half-written file would hold space the log needs
+    assert load_checkpoint(str(run_dir)).round_idx == 0
+
+    (root / "filler").unlink()
+    _, resumed_dir, errors = run_federation(tmp_path / "resumed", clients=2, per_round=2, rounds=3,
+                                            extra=[*SCAFFOLD, "--resume", str(run_dir)], lr=0.1)
+    assert not errors
+    full, resumed = torch.load(full_dir / "final_model.pt"), torch.load(resumed_dir / "final_model.pt")
+    assert all(torch.equal(full[key], resumed[key]) for key in full)
+
+
+def test_a_resume_whose_client_states_do_not_fit_in_the_new_run_directory_stops_naming_the_file(small_tmpfs, tmp_path, capfd):
+    _, first_dir, errors = run_federation(tmp_path / "first", clients=2, per_round=2, rounds=1, extra=SCAFFOLD, lr=0.1)
+    assert not errors
+    root = small_tmpfs("1m")  # another filesystem: the states are copied, not linked
+    fill_filesystem(root)
+    run_dir = tmp_path / "resumed" / "run"
+    os.makedirs(run_dir.parent)
+    os.symlink(root, run_dir)
+    _, _, errors = run_federation(tmp_path / "resumed", clients=2, per_round=2, rounds=2,
+                                  extra=[*SCAFFOLD, "--resume", str(first_dir)], lr=0.1)
+    assert list(errors) == [0], errors
+    assert re.fullmatch(rf"FedAvg stopped: could not write {re.escape(str(run_dir))}/client_state/scaffold/0/[12]-0\.pt: "
+                        r"ENOSPC \(No space left on device\)", str(errors[0].code))
+    assert "Traceback" not in capfd.readouterr().err
+    assert not list(root.glob("client_state/scaffold/0/*.partial"))
+    assert sorted(p.name for p in (first_dir / "client_state" / "scaffold" / "0").iterdir()) == ["1-0.pt", "2-0.pt"]

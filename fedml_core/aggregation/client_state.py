@@ -28,6 +28,15 @@ import torch
 CLIENTS_PER_FOLDER = 1000
 
 
+class ClientStateWriteError(OSError):
+    """A client's state could not be written to the run directory (a full disk, say).
+
+    ``filename`` is the state's file, ``errno`` and ``strerror`` say why, e.g.
+    ``ENOSPC``, "No space left on device". Nothing is left half written, and the files
+    that the last checkpoint names are still there.
+    """
+
+
 class ClientStateStore:
     """Named tensors per client, on disk under ``directory`` (None: in memory, for a
     strategy used outside a run, e.g. in a test or a benchmark).
@@ -68,16 +77,25 @@ class ClientStateStore:
 
     def put(self, client: int, version: int, tensors: Mapping[str, torch.Tensor]) -> None:
         """Store ``tensors`` as ``client``'s state of ``version`` (the round writing it;
-        increasing per client). The tensors are copied (in memory) or written out."""
+        increasing per client). The tensors are copied (in memory) or written out;
+        :class:`ClientStateWriteError` if they cannot be (the store is then unchanged)."""
         if self.directory is None:
             self._in_memory[client] = {name: t.detach().clone() for name, t in tensors.items()}
             self._versions[client] = version
             return
         path = self._path(client, version)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         partial = path + ".partial"
-        torch.save({name: t.detach().cpu() for name, t in tensors.items()}, partial)
-        os.replace(partial, path)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            # Through a Python file: torch's own file writer reports a failed write only as
+            # "basic_ios::clear: iostream error", without the errno.
+            with open(partial, "wb") as f:
+                torch.save({name: t.detach().cpu() for name, t in tensors.items()}, f)
+            os.replace(partial, path)
+        except (OSError, RuntimeError) as error:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)  # on a full disk, its blocks are what the run's log and metrics need now
+            raise _write_error(error, path) from None
         self._unsynced.add(path)
         previous = self._versions.get(client)
         self._versions[client] = version
@@ -90,8 +108,11 @@ class ClientStateStore:
         if self.directory is None:
             return {"directory": None, "tensors": {str(c): dict(self.get(c)) for c in self._versions}}
         for path in self._unsynced:
-            with open(path, "rb") as written:
-                os.fsync(written.fileno())
+            try:
+                with open(path, "rb") as written:
+                    os.fsync(written.fileno())
+            except OSError as error:
+                raise _write_error(error, path) from None
         self._unsynced = set()
         oldest = self._snapshots[0]
         self._snapshots = [self._snapshots[1], dict(self._versions)]
@@ -115,7 +136,8 @@ class ClientStateStore:
         store's directory, and only those copies are ever replaced or removed: the
         checkpoint's run keeps its own, so each of its checkpoints can be resumed again.
         A store without a directory reads them where they are, one at a time when asked
-        (:meth:`get`), and keeps what is :meth:`put` later in memory."""
+        (:meth:`get`), and keeps what is :meth:`put` later in memory.
+        :class:`ClientStateWriteError` if a file cannot be linked or copied."""
         if "directory" not in snapshot:
             for client, tensors in snapshot.items():
                 self.put(int(client), -1, tensors)
@@ -140,15 +162,20 @@ class ClientStateStore:
 
     def _adopt(self, source: str, path: str) -> None:
         """Make ``path`` a copy of ``source``: a hard link where the file system allows."""
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         partial = path + ".partial"
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(partial)
         try:
-            os.link(source, partial)
-        except OSError:  # another file system, or one without hard links
-            shutil.copyfile(source, partial)
-        os.replace(partial, path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)
+            try:
+                os.link(source, partial)
+            except OSError:  # another file system, or one without hard links
+                shutil.copyfile(source, partial)
+            os.replace(partial, path)
+        except OSError as error:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)  # a half-copied file holds space the run needs
+            raise _write_error(error, path) from None
         self._unsynced.add(path)
 
     def check_layout(self, expected: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]], what: str) -> None:
@@ -162,3 +189,14 @@ class ClientStateStore:
             if got != want:
                 raise ValueError(f"{what} in the checkpoint are for another model: client {client}'s hold "
                                  f"{sorted(got)[:5]}, this model's are {sorted(want)[:5]} (or other dtypes or shapes)")
+
+
+def _write_error(error: BaseException, path: str) -> ClientStateWriteError:
+    """``error``, raised while writing ``path``, as a :class:`ClientStateWriteError`
+    naming ``path``; re-raises ``error`` when it is not a failed write (a bug)."""
+    # torch.save's zip writer, closing after a failed write, replaces the OSError with a
+    # RuntimeError of its own ("unexpected pos ...").
+    cause = error if isinstance(error, OSError) else error.__context__
+    if not isinstance(cause, OSError) or cause.errno is None:
+        raise error
+    return ClientStateWriteError(cause.errno, cause.strerror or os.strerror(cause.errno), path)

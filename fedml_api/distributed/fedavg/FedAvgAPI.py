@@ -14,12 +14,13 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
 from fedml_core.aggregation import AggregationStrategy
+from fedml_core.aggregation.client_state import ClientStateWriteError
 from fedml_core.aggregation.registry import client_algorithms, make_strategy
 from fedml_core.distributed.communication.transport import Transport
 from fedml_core.trainer.model_trainer import ModelTrainer, check_trainer
 from fedml_core.trainer.result_aggregator import ResultAggregator, check_result_aggregator
 from fedml_api.data.client_data import set_cache_budget
-from fedml_api.utils.durable_file import FileWriteError
+from fedml_api.utils.durable_file import FileWriteError, describe_error
 from fedml_api.utils.launch_status import report_server_exit, report_server_start
 from fedml_api.utils.run_recorder import RunRecorder
 
@@ -167,7 +168,9 @@ def init_server(args: Namespace, device: torch.device, transport: Transport, mod
         manager.run()
         status = 0
     except Exception as error:
-        if isinstance(error, (FederationError, ValueError, FileNotFoundError, FileWriteError)):
+        if isinstance(error, ClientStateWriteError):
+            reason = f"could not write {error.filename}: {describe_error(error, error.filename)}"
+        elif isinstance(error, (FederationError, ValueError, FileNotFoundError, FileWriteError)):
             reason = str(error)
         else:  # a bug, in the framework or in the server's user code (e.g. the ResultAggregator)
             logging.exception("server: unexpected error")
