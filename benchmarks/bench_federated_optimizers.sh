@@ -18,7 +18,10 @@
 # (TRAIN_SAMPLES; the whole 10,000-image test set is kept), the CIFAR ResNet18 at width 4 (WIDTH; 64 is the standard network), 1 local epoch,
 # the 10 clients served by 2 worker processes (WORKERS), a test every 2 rounds. Set
 # TRAIN_SAMPLES=50000 WIDTH=64 WORKERS=10 for the full-size experiment on a GPU machine.
-# Extra options for every run: EXTRA="--round_timeout 600".
+# Extra options for every run: EXTRA="--round_timeout 600". SEED (default 0) seeds the
+# model's initialisation and the clients' sampling (the split stays seed 0's), e.g.
+# SEED=1 OUT=runs/bench-optimizers-seed1 for a second seed of the same experiment; ONLY
+# (run names, e.g. "FedAvg SCAFFOLD") runs only those.
 set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SET=${1:-all}
@@ -30,6 +33,7 @@ OUT=${OUT:-$ROOT/runs/bench-optimizers}
 WIDTH=${WIDTH:-4}
 WORKERS=${WORKERS:-2}
 EXTRA=${EXTRA:-}
+SEED=${SEED:-0}
 [ -f "$DATA/10/train/data.h5" ] || python3 "$ROOT/scripts/split_dataset.py" --dataset cifar10 --source "$SOURCE" \
     --out "$DATA" --clients 10 --partition dirichlet --alpha 0.1 --seed 0 --train_samples "$TRAIN_SAMPLES" --overwrite
 
@@ -37,9 +41,10 @@ run() {  # run SET NAME PER_ROUND OPTIONS...
     set_name=$1 name=$2 per_round=$3
     shift 3
     [ -f "$OUT/$set_name/$name/summary.json" ] && return 0  # done already
+    case " ${ONLY:-$name} " in *" $name "*) ;; *) return 0 ;; esac
     # shellcheck disable=SC2086
     sh "$ROOT/fedml_experiments/distributed/fedResNet18/run_fedavg_distributed_pytorch.sh" 10 "$per_round" "$ROUNDS" \
-        --data_path "$DATA" --run_dir "$OUT/$set_name/$name" --wandb_mode disabled --seed 0 \
+        --data_path "$DATA" --run_dir "$OUT/$set_name/$name" --wandb_mode disabled --seed "$SEED" \
         --model resnet18 --resnet_width "$WIDTH" --epochs 1 --batch_size 64 --lr 0.05 --lr_schedule cosine --wd 5e-4 \
         --worker_processes "$WORKERS" --frequency_of_the_test 2 "$@" $EXTRA
 }
