@@ -76,7 +76,6 @@ def test_a_full_disk_during_a_round_stops_the_server_cleanly_and_releases_every_
         def train(self, device, args, train_path):
             if filling.acquire(blocking=False):  # once: a second filler would truncate the first
                 fill_filesystem(root)
-                import sys; print("FILLED", os.statvfs(root).f_bavail, sorted(str(p) for p in root.rglob("*")), file=sys.__stderr__)
             super().train(device, args, train_path)
 
     # No checkpoint before the last round: round 0's record is the first write that needs space.
